@@ -1,0 +1,152 @@
+"""torch.fx helpers shared by conversion and measurement: tracing, activation sites, consumers.
+
+A *consumer* of an activation is the first MAC-performing module (``Conv1d/2d``, ``Linear``)
+reached from it through ops that keep activations sparse (batch norm, pooling, flatten,
+dropout, identity, residual add, concat). The *path* of ops on the way is kept so that a
+binarised activation map can be replayed through it to count MACs exactly.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .layers import SparsityLayer
+
+__all__ = ["Consumer", "FanOutError", "Tracer", "find_consumers", "trace", "fan_out_of"]
+
+MAC_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_ELEMENTWISE_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_ELEMENTWISE_FUNCS = {
+    operator.add,
+    operator.iadd,
+    torch.add,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    F.dropout,
+    torch.flatten,
+    torch.cat,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
+_PASS_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous", "mean", "add", "add_"}
+
+
+class FanOutError(ValueError):
+    """The consumers of an activation cannot be traced through the graph."""
+
+
+class Tracer(fx.Tracer):
+    """fx tracer that keeps the inserted sparsity layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SparsityLayer) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model``; a clear error explains what to do when fx cannot."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise TypeError(
+            f"torch.fx could not trace {type(model).__name__}: {exc}. Make the data-dependent "
+            f"part a leaf module, or convert a traceable sub-module (convert(model.backbone, ...))"
+        ) from exc
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+@dataclass
+class Consumer:
+    """A MAC-performing module reached from an activation, with the path of nodes between."""
+
+    name: str
+    module: nn.Module
+    path: list[fx.Node] = field(default_factory=list)
+    source: fx.Node | None = None  # the node whose output feeds the path
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} '{target}' (node '{node.name}')"
+
+
+def find_consumers(gm: fx.GraphModule, start: fx.Node) -> list[Consumer]:
+    """All MAC consumers reached from ``start`` (stopping at other sparsity layers)."""
+    modules = dict(gm.named_modules())
+    found: list[Consumer] = []
+
+    def walk(node: fx.Node, path: list[fx.Node]) -> None:
+        for user in node.users:
+            if user.op == "output":
+                continue
+            if user.op == "call_module":
+                mod = modules[user.target]
+                if isinstance(mod, SparsityLayer):
+                    continue  # its own changes are counted by that layer
+                if isinstance(mod, MAC_MODULES):
+                    found.append(Consumer(str(user.target), mod, list(path), start))
+                    continue
+                if isinstance(mod, _ELEMENTWISE_MODULES + _POOL_MODULES + (nn.Flatten,)):
+                    walk(user, path + [user])
+                    continue
+            elif user.op == "call_function" and user.target in _ELEMENTWISE_FUNCS:
+                walk(user, path + [user])
+                continue
+            elif user.op == "call_method" and user.target in _PASS_METHODS:
+                walk(user, path + [user])
+                continue
+            raise FanOutError(
+                f"cannot trace the consumers of '{start.name}' through "
+                f"{_describe(user, modules)}; pass an explicit fan_out for this layer "
+                f"(DeltaConfig(fan_out=...) or overrides={{'{start.target}': {{'fan_out': ...}}}})"
+            )
+
+    walk(start, [])
+    return found
+
+
+def module_fan_out(mod: nn.Module) -> float:
+    """MACs that one nonzero input element triggers in ``mod`` (DESIGN §1)."""
+    if isinstance(mod, nn.Linear):
+        return float(mod.out_features)
+    k = 1
+    s = 1
+    for kk in mod.kernel_size:
+        k *= kk
+    for ss in mod.stride:
+        s *= ss
+    return k * (mod.out_channels / mod.groups) / s
+
+
+def fan_out_of(gm: fx.GraphModule, node: fx.Node) -> float:
+    return float(sum(module_fan_out(c.module) for c in find_consumers(gm, node)))

@@ -1,0 +1,252 @@
+"""Insert sparsity layers into any per-frame ``nn.Module`` and take them out again.
+
+``convert()`` traces the model with torch.fx, places a :class:`DeltaActivation` (or the
+:class:`ActivationL1` baseline) after every activation it selects (``nn.ReLU``, ``nn.ReLU6``,
+``nn.Hardtanh`` and functional ``F.relu`` by default, optionally on the input pixels as in the
+paper's ResNet-50 variant) and computes each layer's ``fan_out`` from its consumers in the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._graph import FanOutError, fan_out_of, trace
+from .layers import ActivationL1, DeltaActivation, SparsityLayer, VideoModel
+
+__all__ = ["DeltaConfig", "convert", "revert"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+_KINDS = ("delta", "l1")
+_LAYER_OPTIONS = {
+    "granularity",
+    "threshold_init",
+    "sparsity_weight",
+    "activation",
+    "sigma",
+    "delta_output",
+    "threshold_trainable",
+    "fan_out",
+}
+_FUNCTIONAL = {
+    "ReLU": ({F.relu, torch.relu}, {"relu", "relu_"}),
+    "ReLU6": ({F.relu6}, set()),
+    "Hardtanh": ({F.hardtanh}, set()),
+}
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """What ``convert()`` inserts, where, and with which options.
+
+    Args:
+        kind: ``"delta"`` (:class:`DeltaActivation`) or ``"l1"`` (:class:`ActivationL1`).
+        after: class names of the activation modules to insert after.
+        functional: also insert after functional calls (``F.relu`` …) of those activations.
+        on_input: also insert a layer on the input pixels.
+        fan_out: explicit fan-out used where the graph cannot tell (otherwise an error).
+        overrides: per-layer options keyed by the activation's module name (or node name
+            for functional calls, ``"input"`` for the input layer); ``{"skip": True}`` leaves a
+            site out.
+        Other fields are the layer options of :class:`DeltaActivation`.
+    """
+
+    kind: str = "delta"
+    granularity: str = "channel"
+    threshold_init: float = 0.1
+    sparsity_weight: float = 1e-3
+    activation: str | None = None
+    sigma: bool = False
+    delta_output: bool = False
+    threshold_trainable: bool = True
+    after: tuple[str, ...] = ("ReLU", "ReLU6", "Hardtanh")
+    functional: bool = True
+    on_input: bool = False
+    fan_out: float | None = None
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"DeltaConfig.kind must be one of {_KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "after", tuple(self.after))
+        for name, opts in self.overrides.items():
+            bad = set(opts) - _LAYER_OPTIONS - {"skip"}
+            if bad:
+                raise ValueError(
+                    f"DeltaConfig.overrides[{name!r}] has unknown options {sorted(bad)}; "
+                    f"allowed: {sorted(_LAYER_OPTIONS | {'skip'})}"
+                )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["after"] = list(self.after)
+        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeltaConfig:
+        d = dict(d)
+        version = d.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"DeltaConfig version {version} is newer than this deltasparse understands "
+                f"({CONFIG_VERSION}); upgrade deltasparse"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DeltaConfig fields {sorted(unknown)}")
+        if "after" in d:
+            d["after"] = tuple(d["after"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> DeltaConfig:
+        return cls.from_dict(json.loads(s))
+
+    def layer_options(self, site: str) -> dict[str, Any] | None:
+        """Options for the layer at ``site`` (``None`` when the site is skipped)."""
+        opts = {k: getattr(self, k) for k in _LAYER_OPTIONS}
+        over = dict(self.overrides.get(site, {}))
+        if over.pop("skip", False):
+            return None
+        opts.update(over)
+        return opts
+
+    def make_layer(self, opts: Mapping[str, Any], fan_out: float) -> SparsityLayer:
+        if self.kind == "l1":
+            return ActivationL1(opts["sparsity_weight"], fan_out, input_layout="frame")
+        kw = {k: opts[k] for k in _LAYER_OPTIONS - {"fan_out"}}
+        return DeltaActivation(**kw, fan_out=fan_out, input_layout="frame")
+
+
+def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig) -> str | None:
+    """The site name when ``node`` is a selected activation, else ``None``."""
+    if node.op == "call_module":
+        if type(modules[node.target]).__name__ in cfg.after:
+            return str(node.target)
+        return None
+    if not cfg.functional:
+        return None
+    for cls_name in cfg.after:
+        funcs, methods = _FUNCTIONAL.get(cls_name, (set(), set()))
+        if (node.op == "call_function" and node.target in funcs) or (
+            node.op == "call_method" and node.target in methods
+        ):
+            return node.name
+    return None
+
+
+def _unique_target(gm: fx.GraphModule, base: str) -> str:
+    target, i = base, 1
+    existing = dict(gm.named_modules())
+    while target in existing:
+        target, i = f"{base}_{i}", i + 1
+    return target
+
+
+def convert(
+    model: nn.Module,
+    config: DeltaConfig | None = None,
+    *,
+    filter_fn: Callable[[str, nn.Module | None], bool] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Insert sparsity layers into a per-frame model and return the converted root.
+
+    Returns a ``torch.fx.GraphModule`` that shares parameters with ``model``
+    (a :class:`VideoModel` gets its ``frame_model`` converted and is returned itself).
+    ``filter_fn(site_name, activation_module_or_None)`` can veto sites. ``example_input``
+    (one batch of frames) runs one forward so that the thresholds exist at once (build the
+    optimizer after that).
+    """
+    config = config or DeltaConfig()
+    if isinstance(model, VideoModel):
+        model.frame_model = convert(
+            model.frame_model, config, filter_fn=filter_fn, example_input=example_input
+        )
+        return model
+    if any(isinstance(m, SparsityLayer) for m in model.modules()):
+        raise ValueError(
+            "convert(): the model already holds sparsity layers; call revert(model) first"
+        )
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    sites: list[tuple[str, fx.Node]] = []
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and config.on_input and not sites:
+            sites.append(("input", node))
+            continue
+        site = _activation_site(node, modules, config)
+        if site is None:
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if filter_fn is not None and not filter_fn(site, module):
+            continue
+        sites.append((site, node))
+
+    inserted: list[tuple[str, fx.Node, dict]] = []
+    for site, node in sites:
+        opts = config.layer_options(site)
+        if opts is None:
+            continue
+        base = f"{site}_delta" if config.kind == "delta" else f"{site}_l1"
+        target = _unique_target(gm, base)
+        gm.add_submodule(target, nn.Identity())  # placeholder until fan-out is known
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(target, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        inserted.append((target, new, opts))
+
+    for target, new, opts in inserted:
+        fan_out = opts.get("fan_out")
+        if fan_out is None:
+            try:
+                fan_out = fan_out_of(gm, new)
+            except FanOutError as exc:
+                raise FanOutError(f"layer '{target}': {exc}") from None
+        gm.add_submodule(target, config.make_layer(opts, fan_out))
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta["deltasparse_config"] = config.to_dict()
+    log.info("convert(): inserted %d %s layers", len(inserted), config.kind)
+    if example_input is not None:
+        with torch.no_grad():
+            gm(example_input)
+    return gm
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Remove the layers that :func:`convert` inserted; returns the root."""
+    if isinstance(model, VideoModel):
+        model.frame_model = revert(model.frame_model)
+        return model
+    if not isinstance(model, fx.GraphModule):
+        if any(isinstance(m, SparsityLayer) for m in model.modules()):
+            raise TypeError("revert() works on the GraphModule that convert() returned")
+        return model
+    modules = dict(model.named_modules())
+    for node in list(model.graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(node.target), SparsityLayer):
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+            model.delete_submodule(node.target)
+    model.graph.lint()
+    model.recompile()
+    model.meta.pop("deltasparse_config", None)
+    return model
+

@@ -1,0 +1,17 @@
+"""Training-time layers: the Delta Activation Layer, the L1 baseline and time handling."""
+
+from ._base import LayerStats, SparsityLayer
+from .delta import DeltaActivation, quantize
+from .l1 import ActivationL1
+from .video import VideoModel, clip_context, sparsity_layers
+
+__all__ = [
+    "ActivationL1",
+    "DeltaActivation",
+    "LayerStats",
+    "SparsityLayer",
+    "VideoModel",
+    "clip_context",
+    "quantize",
+    "sparsity_layers",
+]

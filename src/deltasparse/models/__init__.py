@@ -1,0 +1,16 @@
+"""Per-frame models and their name registry (``ds.models.create(name, **kw)``)."""
+
+from .mobilenet_v1 import MobileNetV1, mobilenet_v1
+from .registry import create, list_models, register_model
+from .tv import mobilenet_v2, resnet18, resnet50
+
+__all__ = [
+    "MobileNetV1",
+    "create",
+    "list_models",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "register_model",
+    "resnet18",
+    "resnet50",
+]
