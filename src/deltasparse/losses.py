@@ -78,12 +78,12 @@ class MultiStageSine:
     def __post_init__(self):
         if len(self.milestones) != len(self.values) or not self.milestones:
             raise ValueError("MultiStageSine needs as many milestones as values (at least one)")
-        if any(b <= a for a, b in zip((0, *self.milestones), self.milestones)):
+        if any(b <= a for a, b in zip((0, *self.milestones), self.milestones, strict=False)):
             raise ValueError(f"milestones must increase from > 0, got {tuple(self.milestones)}")
 
     def __call__(self, step: int) -> float:
         t_prev, lam_prev = 0, float(self.start)
-        for t_i, lam_i in zip(self.milestones, self.values):
+        for t_i, lam_i in zip(self.milestones, self.values, strict=True):
             if step < t_i:
                 frac = (max(step, 0) - t_prev) / (t_i - t_prev)
                 return lam_prev + (lam_i - lam_prev) * 0.5 * (
