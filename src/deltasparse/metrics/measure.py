@@ -80,12 +80,15 @@ def measure(
     *,
     max_batches: int | None = None,
     count_macs: bool = True,
+    callback=None,
 ) -> SparsityReport:
     """Measure the sparsity of ``model`` over ``batches`` and return a :class:`SparsityReport`.
 
     ``batches`` yields input tensors or ``(input, target)`` pairs: clips ``(B, T, C, H, W)`` (a
     per-frame model is wrapped in :class:`VideoModel` for them) or frames ``(N, C, H, W)``
     (spatial densities only). The model is run in eval mode and restored afterwards.
+    ``callback(output, batch)`` is called after each forward (e.g. to score accuracy in the
+    same pass).
     """
     video = model if isinstance(model, VideoModel) else None
     frame_model = video.frame_model if video is not None else model
@@ -162,7 +165,9 @@ def measure(
                 ShapeProp(frame_model).propagate(frame)
                 shapes_known = True
             with record_outputs(layers, on_output):
-                (runner if is_clip else frame_model)(x)
+                out = (runner if is_clip else frame_model)(x)
+            if callback is not None:
+                callback(out, batch)
     finally:
         model.train(was_training)
     return _build_report(accs, layers)
