@@ -220,7 +220,13 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[VideoModel, TrainC
 
 def _init_from(model: VideoModel, path: str) -> None:
     ckpt = load_checkpoint(path)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(
+            f"--init-from {path} does not match this model ({str(exc).splitlines()[1:3]}); use "
+            f"the model.pt of a run with the same --model and --width"
+        ) from None
     missing = [k for k in missing if not k.endswith(".theta")]
     unexpected = [k for k in unexpected if not k.endswith(".theta")]
     if missing or unexpected:
@@ -341,8 +347,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run one phase; returns the final evaluation dict (also written to ``eval.json``)."""
+def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False):
+    """Run one phase; returns the final evaluation dict (also written to ``eval.json``).
+
+    Only rank 0 evaluates and writes files; other ranks return ``{}``. With
+    ``return_model=True`` it returns ``(result, model)``.
+    """
     device = _setup_device(cfg)
     rank, world, _ = _dist_info()
     out = Path(cfg.out)
@@ -467,7 +477,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": num_classes},
             out / "model.pt",
         )
-    return result
+    return (result, model) if return_model else result
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:

@@ -1,0 +1,173 @@
+"""Training phases, resume after a kill, DDP on CPU, and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltasparse.train as train_mod
+from deltasparse.cli import main
+from deltasparse.layers import ActivationL1, DeltaActivation
+from deltasparse.train import TrainConfig, load_model, train
+
+TINY = dict(
+    data="synthetic",
+    synthetic_videos=16,
+    synthetic_classes=4,
+    synthetic_frames=6,
+    resolution=32,
+    width=0.25,
+    clip_len=3,
+    batch_size=8,
+    epochs=2,
+    progress=False,
+)
+
+
+def _cfg(tmp_path: Path, phase: str, **kw) -> TrainConfig:
+    return TrainConfig(phase=phase, out=str(tmp_path / phase), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """baseline → l1 → delta, one short phase each."""
+    root = tmp_path_factory.mktemp("recipe")
+    results = {"baseline": train(_cfg(root, "baseline"))}
+    results["l1"] = train(_cfg(root, "l1", init_from=str(root / "baseline" / "model.pt"),
+                               epochs=1, sparsity_weight=1e-3))
+    results["delta"] = train(_cfg(root, "delta", init_from=str(root / "l1" / "model.pt"),
+                                  epochs=1, clip_len=2, eval_clip_len=4, sparsity_weight=1e-2))
+    return root, results
+
+
+def test_recipe_phases_write_runs(recipe):
+    root, results = recipe
+    for phase in results:
+        run = root / phase
+        for f in ("config.json", "metrics.json", "metrics.csv", "eval.json", "model.pt",
+                  "checkpoint.pt"):
+            assert (run / f).is_file(), f"{phase}: {f} missing"
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["phase"] == phase
+        assert 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["clip_accuracy"] <= 1.0
+        assert 0.0 < ev["op_fraction"] <= 1.0
+        assert ev["sparsity"]["layers"], "per-layer rows expected"
+        hist = json.loads((run / "metrics.json").read_text())["epochs"]
+        assert [h["epoch"] for h in hist] == list(range(len(hist)))
+    # the delta run counts temporal deltas, the others activations
+    assert results["delta"]["sparsity"]["mode"] == "temporal"
+    assert results["l1"]["sparsity"]["mode"] == "spatial"
+    assert results["delta"]["clip_len"] == 4
+
+
+def test_phases_insert_the_right_layers_and_inherit_weights(recipe):
+    root, _ = recipe
+    base, _, _ = load_model(root / "baseline" / "model.pt")
+    l1, _, _ = load_model(root / "l1" / "model.pt")
+    delta, cfg, _ = load_model(root / "delta" / "model.pt")
+    assert not any(isinstance(m, (ActivationL1, DeltaActivation)) for m in base.modules())
+    assert sum(isinstance(m, ActivationL1) for m in l1.modules()) == 27
+    deltas = [m for m in delta.modules() if isinstance(m, DeltaActivation)]
+    assert len(deltas) == 27 and all(m.theta is not None for m in deltas)
+    assert cfg.phase == "delta" and cfg.clip_len == 2
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch):
+    full = _cfg(tmp_path / "a", "delta_scratch", epochs=3)
+    train(full)
+    ref = torch.load(tmp_path / "a" / "delta_scratch" / "model.pt", weights_only=False)["model"]
+
+    killed = _cfg(tmp_path / "b", "delta_scratch", epochs=3)
+    real_save = train_mod.save_atomic
+    calls = {"n": 0}
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt":
+            calls["n"] += 1
+            if calls["n"] == 2:  # killed right after the second epoch's checkpoint
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    monkeypatch.setattr(train_mod, "save_atomic", real_save)
+    ckpt = torch.load(tmp_path / "b" / "delta_scratch" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    train(killed, resume=True)
+    got = torch.load(tmp_path / "b" / "delta_scratch" / "model.pt", weights_only=False)["model"]
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after resume"
+    hist = json.loads((tmp_path / "b" / "delta_scratch" / "metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+
+
+def test_init_from_mismatch_is_a_clear_error(recipe, tmp_path):
+    root, _ = recipe
+    cfg = _cfg(tmp_path, "l1", init_from=str(root / "baseline" / "model.pt"), width=0.5)
+    with pytest.raises(ValueError, match="does not match this model"):
+        train(cfg)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="phase"):
+        TrainConfig(phase="nope")
+    with pytest.raises(ValueError, match="clip_len >= 2"):
+        TrainConfig(phase="delta", clip_len=1)
+
+
+def test_eval_cli_writes_json(recipe, tmp_path, capsys):
+    root, _ = recipe
+    out = tmp_path / "ev.json"
+    rc = main(["eval", "--checkpoint", str(root / "delta" / "model.pt"), "--clip-len", "4",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    ev = json.loads(out.read_text())
+    for key in ("clip_accuracy", "video_accuracy", "op_fraction", "op_reduction", "sparsity",
+                "effective_macs_per_frame", "dense_macs_per_frame"):
+        assert key in ev
+    assert ev["sparsity"]["mode"] == "temporal"
+    assert len(ev["sparsity"]["layers"]) == 27
+
+
+def test_eval_cli_missing_checkpoint(tmp_path, capsys):
+    rc = main(["eval", "--checkpoint", str(tmp_path / "nope.pt")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = TrainConfig(phase="delta_scratch", out=out, device="cpu", **{**TINY, "epochs": 1})
+    _, model = train(cfg, return_model=True)
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ev = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert 0.0 < ev["op_fraction"] <= 1.0
+    hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["epochs"]
+    assert len(hist) == 1
+    # DDP all-reduces the gradients: both ranks end with the same weights
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    for k in r0:
+        if r0[k].is_floating_point() and "running" not in k:
+            assert torch.allclose(r0[k], r1[k], atol=1e-6), k
