@@ -126,9 +126,7 @@ def find_consumers(gm: fx.GraphModule, start: fx.Node) -> list[Consumer]:
                 walk(user, path + [user])
                 continue
             raise FanOutError(
-                f"cannot trace the consumers of '{start.name}' through "
-                f"{_describe(user, modules)}; pass an explicit fan_out for this layer "
-                f"(DeltaConfig(fan_out=...) or overrides={{'{start.target}': {{'fan_out': ...}}}})"
+                f"cannot trace the consumers of '{start.name}' through {_describe(user, modules)}"
             )
 
     walk(start, [])

@@ -199,7 +199,14 @@ def convert(
             continue
         sites.append((site, node))
 
-    inserted: list[tuple[str, fx.Node, dict]] = []
+    known = {"input"} | {
+        s for n in gm.graph.nodes if (s := _activation_site(n, modules, config)) is not None
+    }
+    for name in set(config.overrides) - known:
+        # A misspelt site would silently keep the defaults; say so.
+        log.warning("convert(): overrides[%r] matches no activation site of this model", name)
+
+    inserted: list[tuple[str, str, fx.Node, dict]] = []
     for site, node in sites:
         opts = config.layer_options(site)
         if opts is None:
@@ -210,23 +217,37 @@ def convert(
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-        inserted.append((target, new, opts))
+        inserted.append((site, target, new, opts))
 
-    for target, new, opts in inserted:
-        fan_out = opts.get("fan_out")
+    for site, target, new, opts in inserted:
+        # A per-layer override wins; the config-wide fan_out only fills in where the graph
+        # cannot tell (as documented), it must not replace the fan-outs the graph gives.
+        fan_out = config.overrides.get(site, {}).get("fan_out")
         if fan_out is None:
             try:
                 fan_out = fan_out_of(gm, new)
             except FanOutError as exc:
-                raise FanOutError(f"layer '{target}': {exc}") from None
+                if config.fan_out is None:
+                    raise FanOutError(
+                        f"layer '{target}' (site '{site}'): {exc}; pass an explicit fan_out "
+                        f"(DeltaConfig(fan_out=...) or overrides={{{site!r}: {{'fan_out': ...}}}})"
+                    ) from None
+                fan_out = config.fan_out
         gm.add_submodule(target, config.make_layer(opts, fan_out))
     gm.graph.lint()
     gm.recompile()
     gm.meta["deltasparse_config"] = config.to_dict()
     log.info("convert(): inserted %d %s layers", len(inserted), config.kind)
     if example_input is not None:
-        with torch.no_grad():
-            gm(example_input)
+        # eval mode: the probe must not move the batch-norm statistics of the user's model
+        modes = {m: m.training for m in gm.modules()}
+        gm.eval()
+        try:
+            with torch.no_grad():
+                gm(example_input)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
     return gm
 
 

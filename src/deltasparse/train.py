@@ -168,7 +168,7 @@ def build_datasets(cfg: TrainConfig):
     test = data.VideoFolder(
         cfg.data, train=False, clip_len=eval_t, clips_per_video=cfg.eval_clips_per_video, **common
     )
-    return train, test, len(train.classes)
+    return train, test, train.num_classes
 
 
 def _loader(dataset, cfg: TrainConfig, *, train: bool, epoch: int = 0):
@@ -397,6 +397,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False)
     ev: dict | None = None
     for epoch in range(start_epoch, cfg.epochs):
         _seed_everything(cfg.seed * 1000 + epoch * 10 + rank)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
         loader = _loader(train_set, cfg, train=True, epoch=epoch)
         model.train()
         sums = {"loss": 0.0, "task": 0.0, "sparse": 0.0, "correct": 0, "n": 0, "num": 0.0,
