@@ -132,16 +132,55 @@ def _cmd_demo(args) -> int:
     return 0 if summary else 1
 
 
-def _cmd_stream(args) -> int:
-    from .engine.stream import main_stream
+def _size(text: str | None):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size expects HxW (e.g. 360x640), got {text!r}") from None
+    return (h, w)
 
-    return int(main_stream(args) or 0)
+
+def _cmd_stream(args) -> int:
+    from .checkpoint import write_json_atomic
+    from .engine.printing import StreamProgress, print_stats
+    from .engine.stream import run_stream
+
+    with StreamProgress(total=args.max_frames) as bar:
+        result = run_stream(
+            args.video, args.checkpoint, device=args.device, backend=args.backend,
+            size=_size(args.size), max_frames=args.max_frames, verify_every=args.verify_every,
+            on_frame=bar,
+        )  # fmt: skip
+    out = Path(args.out)
+    write_json_atomic(result, out)
+    print_stats(result["stats"])
+    print(f"per-frame predictions and stats written to {out}")
+    return 0
 
 
 def _cmd_bench(args) -> int:
-    from .engine.bench import main_bench
+    from .checkpoint import write_json_atomic
+    from .engine.bench import run_bench
+    from .engine.printing import print_bench
 
-    return int(main_bench(args) or 0)
+    def progress(row: dict) -> None:
+        print(
+            f"  {row['model']} {row['height']}x{row['width']} threads={row['threads']} "
+            f"density={row['density']:.1%}: dense {row['dense_ms']:.1f} ms, delta "
+            f"{row['delta_ms']:.1f} ms ({row['achieved_speedup']:.2f}x)", flush=True,
+        )  # fmt: skip
+
+    result = run_bench(
+        models=args.models, resolutions=args.resolutions, threads=args.threads,
+        densities=args.densities, device=args.device, frames=args.frames, batch=args.batch,
+        backend=args.backend, checkpoint=args.checkpoint, seed=args.seed, progress=progress,
+    )  # fmt: skip
+    write_json_atomic(result, args.out)
+    print_bench(result)
+    print(f"results written to {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default=None)
     s.set_defaults(func=_cmd_report)
 
+    s = sub.add_parser("stream", help="exact delta inference over a video file")
+    s.add_argument("--checkpoint", required=True, help="model.pt of a delta run")
+    s.add_argument("--video", required=True, help="video file (anything PyAV decodes)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--backend", default="auto",
+                   choices=["auto", "reference", "torch", "cpp", "triton"])
+    s.add_argument("--size", default=None, help="HxW to resize frames to (default: training)")
+    s.add_argument("--max-frames", type=int, default=None)
+    s.add_argument("--verify-every", type=int, default=0,
+                   help="compare with the dense model every N frames (0: never)")
+    s.add_argument("--out", default="stream.json", help="JSON output")
+    s.set_defaults(func=_cmd_stream)
+
+    s = sub.add_parser("bench", help="dense vs delta inference timed side by side")
+    s.add_argument("--models", nargs="+", default=["mobilenet_v1"])
+    s.add_argument("--resolutions", nargs="+", default=["224", "360p", "720p"],
+                   help="224, 360p, 720p or HxW")
+    s.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    s.add_argument("--densities", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 1.0])
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--backend", default="auto",
+                   choices=["auto", "reference", "torch", "cpp", "triton"])
+    s.add_argument("--frames", type=int, default=5, help="timed frames per setting")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--checkpoint", default=None, help="use a trained model.pt's thresholds")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="bench.json", help="JSON output")
+    s.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -194,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"deltasparse {args.command}: error: {exc}", file=sys.stderr)

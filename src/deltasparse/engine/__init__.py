@@ -1,0 +1,16 @@
+"""Exact streaming delta inference (DESIGN.md §4): ``DeltaEngine`` and its kernels."""
+
+from .engine import DeltaEngine
+from .kernels import BACKENDS, Backend, get_backend, has_triton
+from .plan import UnsupportedOpError
+from .stats import EngineStats
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "DeltaEngine",
+    "EngineStats",
+    "UnsupportedOpError",
+    "get_backend",
+    "has_triton",
+]

@@ -1,0 +1,106 @@
+"""The backend interface of the delta engine: one method per op kind, plus the commit step.
+
+Every kernel reads a stored input row buffer ``x`` (``(P_in + 1, C_in)``, last row zero) and
+computes the op's output (with its bias) at the output rows ``rows`` (a sorted ``int64`` tensor), or at every
+output row when ``rows is None`` (the dense path). It returns a fresh ``(n, C_out)`` tensor
+that :meth:`Backend.finish` completes in place (activation, quantiser) and writes into the layer's state and reports which rows changed.
+
+Op kinds (DESIGN.md §4, issue 4 point 3):
+
+* ``linear``    -- ``Linear`` and 1x1 stride-1 unpadded convs: gather rows -> GEMM.
+* ``conv``      -- any other ``Conv2d`` (k x k, strided, dilated, grouped): gather the k^2 taps
+  of every output row (im2col of the reachable outputs only) -> GEMM.
+* ``depthwise`` -- ``groups == C_in == C_out``: per-row weighted sum of the k^2 taps.
+* ``pool``      -- max / average pooling over the taps of the recomputed windows.
+
+A new backend (e.g. Triton on CUDA) subclasses :class:`Backend` and overrides the kinds it
+accelerates; the others fall back to the torch implementations it inherits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .specs import ConvSpec, LinearSpec, PoolSpec
+
+__all__ = ["Backend", "OP_KINDS"]
+
+OP_KINDS = ("linear", "conv", "depthwise", "pool", "pointwise")
+
+
+class Backend:
+    """Base class. ``sparse=False`` makes the engine compute every op densely every frame."""
+
+    name = "base"
+    sparse = True
+    # True: the kernels leave the bias out and ``finish`` adds it (fused into the epilogue).
+    defers_bias = False
+    # Fraction of output rows to recompute above which the dense path is cheaper, per op
+    # kind (see bench/engine_crossover.py and the engine README for the measurements).
+    crossover: dict[str, float] = {}
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    @classmethod
+    def available(cls, device: torch.device | str = "cpu") -> bool:
+        return True
+
+    # -- ops -----------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, spec: LinearSpec, rows: torch.Tensor | None):
+        raise NotImplementedError
+
+    def conv(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
+        raise NotImplementedError
+
+    def depthwise(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor, spec: PoolSpec, rows: torch.Tensor | None):
+        raise NotImplementedError
+
+    def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
+        """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
+        return n
+
+    def prepare(self, spec) -> None:
+        """Hook: pack backend-specific weight layouts into ``spec.extra`` once, at build."""
+
+    # -- state update --------------------------------------------------------------------
+    def finish(self, out, rows: torch.Tensor | None, z: torch.Tensor, chain, first: bool,
+               bias: torch.Tensor | None = None):  # fmt: skip
+        """Apply the fused pointwise ``chain`` to ``z`` and write it into ``out``'s state.
+
+        ``bias`` is the op's bias, to add here only when the backend ``defers_bias``.
+        Returns the changed rows (``None`` on the first frame: every row is new).
+        """
+        if bias is not None and self.defers_bias:
+            z += bias
+        chain(z, rows, out.batch)
+        if first:
+            out.buf[: out.rows].copy_(z)
+            return None
+        return self.commit(out.buf, rows, z)
+
+    def commit(
+        self, buf: torch.Tensor, rows: torch.Tensor | None, z: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``z`` (the new values of ``rows``, or of all rows) into ``buf``.
+
+        Returns the sorted rows whose value changed in any channel: the active rows that
+        the consumers of this value have to process next.
+        """
+        if rows is None:
+            p = z.shape[0]
+            changed = (z != buf[:p]).any(1).nonzero().squeeze(1)
+            buf[:p].copy_(z)
+            return changed
+        if rows.numel() == 0:
+            return rows
+        old = buf.index_select(0, rows)
+        changed = rows[(z != old).any(1)]
+        buf.index_copy_(0, rows, z)
+        return changed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"

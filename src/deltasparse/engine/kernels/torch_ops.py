@@ -1,0 +1,222 @@
+"""The ``torch`` backend: pixel-granular gather -> dense GEMM -> write back, in plain torch ops.
+
+Work is skipped per pixel (a row of the channels-last buffer): the rows to recompute are
+gathered into a dense matrix, multiplied with the packed weights in one GEMM (one batched
+GEMM for grouped convs) and written back. Above a measured density the dense path is used
+instead (channels-last ``F.conv2d`` / one GEMM over all rows), so a dense stream costs about
+what the dense model costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+from .specs import ConvSpec, LinearSpec, PoolSpec
+
+__all__ = ["CppBackend", "TorchBackend", "dense_conv", "dense_pool", "nchw_view"]
+
+
+def nchw_view(x: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, H, W)`` view (channels-last strides) of the first ``B*H*W`` rows of ``x``."""
+    h, w = hw
+    c = x.shape[1]
+    return x[: batch * h * w].view(batch, h, w, c).permute(0, 3, 1, 2)
+
+
+def rows_of(y: torch.Tensor) -> torch.Tensor:
+    """``(B*H*W, C)`` rows of a ``(B, C, H, W)`` tensor (a view when it is channels-last)."""
+    b, c, h, w = y.shape
+    return y.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def dense_conv(x: torch.Tensor, spec: ConvSpec, bias: bool = True) -> torch.Tensor:
+    g = spec.geom
+    y = F.conv2d(
+        nchw_view(x, g.batch, g.in_hw),
+        spec.weight,
+        spec.bias if bias else None,
+        g.stride,
+        g.padding,
+        g.dilation,
+        spec.groups,
+    )
+    return rows_of(y)
+
+
+def dense_pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    g = spec.geom
+    xv = nchw_view(x, g.batch, g.in_hw)
+    if spec.mode == "max":
+        y = F.max_pool2d(xv, g.kernel, g.stride, g.padding, g.dilation, spec.ceil_mode)
+    else:
+        y = F.avg_pool2d(
+            xv, g.kernel, g.stride, g.padding, spec.ceil_mode, spec.count_include_pad,
+            spec.divisor_override,
+        )  # fmt: skip
+    return rows_of(y)
+
+
+# Below ~2M MACs a oneDNN call costs more in overhead than MKL's GEMM (measured, 2 threads).
+_MIN_CONV_MACS = 1 << 21
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to one of 8 sizes per octave (at most 12.5% padding)."""
+    step = 1 << max(4, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def gather_taps(x: torch.Tensor, spec, rows: torch.Tensor) -> torch.Tensor:
+    """``(n, k2, C)``: the input rows under every tap of the windows of ``rows``."""
+    k2 = spec.geom.k2
+    idx = spec.geom.taps.index_select(0, rows).reshape(-1)
+    return x.index_select(0, idx).view(rows.numel(), k2, x.shape[1])
+
+
+class TorchBackend(Backend):
+    """Delta kernels in plain torch ops (CPU, and a correct but launch-bound GPU fallback)."""
+
+    name = "torch"
+    sparse = True
+    # Measured with bench/engine_crossover.py (1 thread, MobileNet v1 layer shapes): a gathered
+    # GEMM is never slower than the dense one, so 1x1 convs stay sparse up to 90% (the dense
+    # path only saves the gathers); k x k im2col GEMMs cross at ~40%; the tap loop of a sparse
+    # depthwise conv loses to the (memory-bound) dense one above ~10-20%.
+    crossover = {"linear": 0.9, "conv": 0.4, "depthwise": 0.15, "pool": 0.3, "pointwise": 0.5}
+
+    def prepare(self, spec) -> None:
+        if isinstance(spec, LinearSpec) and spec.wt.device.type == "cpu":
+            # oneDNN's 1x1 conv on rows viewed as a (1, C, 1, n) channels-last image: equal
+            # to MKL's GEMM on 1 thread, 2-4x faster on 2 (bench/engine_crossover.py notes).
+            c_in, c_out = spec.wt.shape
+            w4 = spec.wt.t().reshape(c_out, c_in, 1, 1)
+            spec.extra["w1x1"] = w4.contiguous(memory_format=torch.channels_last)
+
+    def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
+        """Rows a kernel really computes for ``n`` requested rows (padding included)."""
+        if kernel == "linear" and self.device.type == "cpu" and n < total:
+            return min(_bucket(n), total) if n * macs_per_row >= _MIN_CONV_MACS else n
+        return n
+
+    def linear(self, x: torch.Tensor, spec: LinearSpec, rows: torch.Tensor | None):
+        bias = None if self.defers_bias else spec.bias
+        w4 = spec.extra.get("w1x1")
+        p = x.shape[0] - 1
+        n = p if rows is None else int(rows.numel())
+        if w4 is None or x.dtype != w4.dtype or n * spec.macs_per_row < _MIN_CONV_MACS:
+            a = x[:p] if rows is None else x.index_select(0, rows)
+            return a @ spec.wt if bias is None else torch.addmm(bias, a, spec.wt)
+        if rows is None:
+            a = x[:p]
+        else:
+            # oneDNN builds a kernel per shape: pad the row count to a few sizes (gathering
+            # the zero row) so that a stream reuses them instead of compiling every frame.
+            m = min(_bucket(n), p)
+            if m > n:
+                rows = torch.cat([rows, rows.new_full((m - n,), p)])
+            a = x.index_select(0, rows)
+        m, c = a.shape
+        y = F.conv2d(a.view(1, 1, m, c).permute(0, 3, 1, 2), w4, bias)
+        return y.permute(0, 2, 3, 1).reshape(m, -1)[:n]
+
+    def conv(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
+        with_bias = spec.bias is not None and not self.defers_bias
+        if rows is None:
+            return dense_conv(x, spec, with_bias)
+        n = rows.numel()
+        g = gather_taps(x, spec, rows)  # (n, k2, C_in)
+        if spec.groups == 1:
+            if with_bias:
+                return torch.addmm(spec.bias, g.view(n, -1), spec.w_taps)
+            return g.view(n, -1) @ spec.w_taps
+        groups, k2 = spec.groups, spec.geom.k2
+        cin_g = spec.in_ch // groups
+        a = g.view(n, k2, groups, cin_g).permute(2, 0, 1, 3).reshape(groups, n, k2 * cin_g)
+        y = torch.bmm(a, spec.w_taps).permute(1, 0, 2).reshape(n, spec.out_ch)
+        if with_bias:
+            y += spec.bias
+        return y
+
+    def depthwise(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
+        with_bias = spec.bias is not None and not self.defers_bias
+        if rows is None:
+            return dense_conv(x, spec, with_bias)
+        n = rows.numel()
+        taps = spec.geom.taps.index_select(0, rows)  # (n, k2)
+        y = x.new_zeros(n, spec.out_ch)
+        if with_bias:
+            y += spec.bias
+        # One tap at a time keeps the temporaries at (n, C) instead of (n, k2, C).
+        for j in range(spec.geom.k2):
+            y.addcmul_(x.index_select(0, taps[:, j]), spec.w_taps[j])
+        return y
+
+    def pool(self, x: torch.Tensor, spec: PoolSpec, rows: torch.Tensor | None):
+        if rows is None:
+            return dense_pool(x, spec)
+        g = gather_taps(x, spec, rows)  # (n, k2, C)
+        if spec.mode == "max":
+            valid = spec.geom.valid.index_select(0, rows)
+            if not bool(valid.all()):
+                g = g.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+            return g.amax(1)
+        return g.sum(1) / spec.divisor.index_select(0, rows)
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+_NO_BIAS = torch.empty(0)
+
+
+class CppBackend(TorchBackend):
+    """The torch backend with the epilogue fused into one C++ pass (``kernels/cpp.py``).
+
+    Agrees with ``torch`` to float rounding; picked by ``auto`` on CPU when the op builds.
+    """
+
+    name = "cpp"
+    defers_bias = True  # added inside the fused epilogue (saves a pass)
+    # The C++ depthwise kernel reads the k^2 taps in place: dense wins only above ~30%.
+    crossover = {**TorchBackend.crossover, "depthwise": 0.3}
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        if not self.available(device):
+            raise RuntimeError(
+                "DeltaEngine backend 'cpp' needs the C++ engine op, which could not be built "
+                "(see the log; DELTASPARSE_NO_CPP=1 disables it); use backend='torch'"
+            )
+        from . import cpp
+
+        self._op = cpp.load()
+
+    @classmethod
+    def available(cls, device: torch.device | str = "cpu") -> bool:
+        from . import cpp
+
+        return torch.device(device).type == "cpu" and cpp.available()
+
+    def depthwise(self, x, spec, rows):
+        if rows is None or x.dtype != torch.float32:
+            return super().depthwise(x, spec, rows)
+        return torch.ops.deltasparse.depthwise_rows(x, spec.geom.taps, spec.w_taps, rows)
+
+    def finish(self, out, rows, z, chain, first, bias=None):
+        if z.dtype != torch.float32 or not z.is_contiguous():
+            return super().finish(out, rows, z, chain, first, bias)
+        params = chain.fused
+        if params is None:
+            if bias is not None:
+                z += bias
+                bias = None
+            chain(z, rows, out.batch)
+            params = (float("-inf"), float("inf"), z.new_empty(0), 0)
+        lo, hi, thr, mode = params
+        hw = chain.hw
+        r = _NO_ROWS if rows is None else rows
+        b = _NO_BIAS if bias is None else bias
+        mask = self._op(z, out.buf, r, b, lo, hi, thr, mode, hw, not first)
+        if first:
+            return None
+        return mask.nonzero().squeeze(1) if rows is None else rows[mask]

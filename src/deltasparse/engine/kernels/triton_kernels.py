@@ -1,0 +1,360 @@
+"""Triton kernels of the delta engine (DESIGN.md §4; arXiv 2107.07305's delta inference).
+
+Imported only by :mod:`.triton_gpu` and :mod:`.triton_graph` once triton is known to be
+importable: this module imports triton at its top.
+
+Every compute kernel works on a *list of output rows* of a channels-last row buffer
+(``(P + 1, C)``, last row zero). The list comes either from the host (the eager backend:
+``n_rows`` known, ``DYN=False``) or from a device-side compaction (:func:`compact_kernel`:
+``DYN=True``, the count is read from device memory), so that one step of the engine is a
+fixed sequence of launches with no host synchronisation and can be captured in a CUDA graph.
+The compute kernels are persistent: a fixed grid (of any size) loops over the ``ceil(count / BM)`` row
+tiles, so a sparse step costs about the work of its active rows, whatever the capacity.
+
+With ``FUSE=True`` a kernel also applies the op's pointwise chain (clamp, affine, the
+DeltaActivation quantiser ``round(z / thr) * thr``, round half to even), compares the new
+rows with the stored state, writes them and sets the changed-row mask of its output: the
+whole gather -> GEMM -> activation/quantiser -> commit of one op in one launch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Chain step kinds (constexpr codes shared with triton_graph.py).
+CH_NONE, CH_CLAMP, CH_AFFINE, CH_QSCALAR, CH_QCHANNEL, CH_QROW = 0, 1, 2, 3, 4, 5
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (``torch.round``), exact for every finite float."""
+    r = tl.floor(x)
+    f = x - r  # exact: x and floor(x) share the exponent range
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (f > 0.5) | ((f == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _chain_step(z, p, KIND: tl.constexpr, rows, offs_n, n_ok, N, HW, IS_F64: tl.constexpr):
+    """One pointwise step of an op's chain on a ``(BM, BN)`` tile (see ops.Chain)."""
+    if KIND == 1:  # clamp: p = [lo, hi] (+-inf for a missing bound)
+        lo = tl.load(p).to(z.dtype)
+        hi = tl.load(p + 1).to(z.dtype)
+        z = tl.minimum(tl.maximum(z, lo), hi)
+    elif KIND == 2:  # affine: p = [alpha (N), beta (N)]
+        a = tl.load(p + offs_n, mask=n_ok, other=1.0).to(z.dtype)
+        b = tl.load(p + N + offs_n, mask=n_ok, other=0.0).to(z.dtype)
+        z = z * a[None, :]
+        z = z + b[None, :]
+    elif KIND >= 3:  # quantiser round(z / thr) * thr; thr float32, math in z's dtype
+        if KIND == 3:
+            t = tl.load(p).to(z.dtype)
+        elif KIND == 4:
+            t = tl.load(p + offs_n, mask=n_ok, other=1.0).to(z.dtype)[None, :]
+        else:  # neuron granularity: thr (HW, N), indexed by the pixel of the row
+            pix = (rows % HW).to(tl.int64)
+            t = tl.load(p + pix[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=1.0)
+            t = t.to(z.dtype)
+        if IS_F64:
+            q = z / t
+        else:
+            q = tl.div_rn(z, t)
+        z = _rint(q) * t
+    return z
+
+
+@triton.jit
+def _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+              s0, s1, s2, s3, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+              K3: tl.constexpr, FUSE: tl.constexpr, IS_F64: tl.constexpr):  # fmt: skip
+    ok2 = m_ok[:, None] & n_ok[None, :]
+    if FUSE:
+        acc = _chain_step(acc, s0, K0, rows, offs_n, n_ok, N, HW, IS_F64)
+        acc = _chain_step(acc, s1, K1, rows, offs_n, n_ok, N, HW, IS_F64)
+        acc = _chain_step(acc, s2, K2, rows, offs_n, n_ok, N, HW, IS_F64)
+        acc = _chain_step(acc, s3, K3, rows, offs_n, n_ok, N, HW, IS_F64)
+        rows64 = rows.to(tl.int64)
+        yp = y_ptr + rows64[:, None] * N + offs_n[None, :]
+        old = tl.load(yp, mask=ok2, other=0.0)
+        diff = ((acc != old) & ok2).to(tl.int32)
+        tl.store(yp, acc, mask=ok2)
+        ch = tl.max(diff, axis=1)
+        # Several programs may mark one row (other channel tiles): they all write 1.
+        tl.store(mo_ptr + rows64, ch.to(tl.int8), mask=m_ok & (ch > 0))
+    else:
+        yp = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(yp, acc, mask=ok2)
+
+
+@triton.jit
+def rows_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
+    s0, s1, s2, s3, K, N, HW,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """``y[rows] = x[rows] @ w (+ bias)``: a ``Linear`` / 1x1 conv on the listed rows."""
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_n
+        pn = t - pm * num_n
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        rows64 = rows.to(tl.int64)
+        offs_n = pn * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        acc = tl.zeros((BM, BN), dtype=x_ptr.dtype.element_ty)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + rows64[:, None] * K + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+            if IS_F64:
+                acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+
+
+@triton.jit
+def taps_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
+    s0, s1, s2, s3, C, N, H, W, HWo, Wo, HW,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """A ``groups == 1`` k x k conv on the listed output rows: implicit im2col -> GEMM.
+
+    ``w`` is ``ConvSpec.w_taps`` ``(k2 * C, N)``; taps outside the input read zeros.
+    """
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_n
+        pn = t - pm * num_n
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        bi = rows // HWo
+        r = rows - bi * HWo
+        oy = r // Wo
+        ox = r - oy * Wo
+        offs_n = pn * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        acc = tl.zeros((BM, BN), dtype=x_ptr.dtype.element_ty)
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + kx * DW
+                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                for c0 in range(0, C, BK):
+                    offs_k = c0 + tl.arange(0, BK)
+                    k_ok = offs_k < C
+                    a = tl.load(x_ptr + src[:, None] * C + offs_k[None, :],
+                                mask=ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                    wrow = (ky * KW + kx) * C + offs_k
+                    b = tl.load(w_ptr + wrow[:, None] * N + offs_n[None, :],
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+                    if IS_F64:
+                        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+                    else:
+                        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+
+
+@triton.jit
+def depthwise_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
+    s0, s1, s2, s3, C, H, W, HWo, Wo, HW,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Depthwise conv on the listed output rows; ``w`` is ``w_taps`` ``(k2, C)``.
+
+    Sums bias + taps in tap order, as the torch backend does.
+    """
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_c = tl.cdiv(C, BC)
+    total = tl.cdiv(n, BM) * num_c
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_c
+        pc = t - pm * num_c
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        bi = rows // HWo
+        r = rows - bi * HWo
+        oy = r // Wo
+        ox = r - oy * Wo
+        offs_c = pc * BC + tl.arange(0, BC)
+        c_ok = offs_c < C
+        acc = tl.zeros((BM, BC), dtype=x_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + kx * DW
+                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+                wv = tl.load(w_ptr + (ky * KW + kx) * C + offs_c, mask=c_ok, other=0.0)
+                acc += xv * wv[None, :]
+        _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+
+
+@triton.jit
+def compact_kernel(
+    mi_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo,
+    IDENT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+    DW: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """List the output rows to recompute: those whose window holds a changed input row.
+
+    Appends them to ``idx`` (unordered across blocks, via one atomic per block) and their
+    number to ``cnt``; also adds the number of changed input rows to ``act`` (statistics).
+    """
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_ok = offs < P_in
+    mi = tl.load(mi_ptr + offs, mask=in_ok, other=0).to(tl.int32)
+    na = tl.sum(mi, axis=0)
+    if na > 0:
+        tl.atomic_add(act_ptr, na)
+    o_ok = offs < P_out
+    if IDENT:
+        f = mi
+    else:
+        bi = offs // HWo
+        r = offs - bi * HWo
+        oy = r // Wo
+        ox = r - oy * Wo
+        f = tl.zeros((BLOCK,), dtype=tl.int32)
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + kx * DW
+                ok = o_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = (bi * H + iy) * W + ix
+                v = tl.load(mi_ptr + src, mask=ok, other=0).to(tl.int32)
+                f = tl.maximum(f, v)
+    f = tl.where(o_ok & (f > 0), 1, 0)
+    n = tl.sum(f, axis=0)
+    if n > 0:
+        base = tl.atomic_add(cnt_ptr, n)
+        pos = base + tl.cumsum(f, axis=0) - f
+        tl.store(idx_ptr + pos, offs, mask=f > 0)
+
+
+@triton.jit
+def input_commit_kernel(f_ptr, y_ptr, mo_ptr, act_ptr, P, C, HW,
+                        BLOCK: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """Write an NCHW frame into the input row buffer; mark the pixels that changed."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < P
+    bi = offs // HW
+    pix = offs - bi * HW
+    offs_c = tl.arange(0, BC)
+    c_ok = offs_c < C
+    ok2 = ok[:, None] & c_ok[None, :]
+    src = (bi * C * HW + pix).to(tl.int64)[:, None] + offs_c[None, :].to(tl.int64) * HW
+    v = tl.load(f_ptr + src, mask=ok2, other=0.0)
+    yp = y_ptr + offs.to(tl.int64)[:, None] * C + offs_c[None, :]
+    old = tl.load(yp, mask=ok2, other=0.0)
+    ch = tl.max(((v != old) & ok2).to(tl.int32), axis=1)
+    tl.store(yp, v, mask=ok2)
+    tl.store(mo_ptr + offs, ch.to(tl.int8), mask=ok & (ch > 0))
+    nc = tl.sum(ch, axis=0)
+    if nc > 0:
+        tl.atomic_add(act_ptr, nc)
+
+
+@triton.jit
+def gpool_kernel(
+    x_ptr, mi_ptr, y_ptr, mo_ptr, cnt_ptr, act_ptr, s0, s1, s2, s3, HWi, C,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Global average pooling of the samples that have a changed pixel (grid: B x C-tiles)."""
+    b = tl.program_id(0)
+    pc = tl.program_id(1)
+    base = b.to(tl.int64) * HWi
+    anyc = tl.zeros((BR,), dtype=tl.int32)
+    for r0 in range(0, HWi, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        anyc += tl.load(mi_ptr + base + offs_r, mask=offs_r < HWi, other=0).to(tl.int32)
+    na = tl.sum(anyc, axis=0)
+    if na > 0:
+        offs_c = pc * BC + tl.arange(0, BC)
+        c_ok = offs_c < C
+        acc = tl.zeros((BR, BC), dtype=x_ptr.dtype.element_ty)
+        for r0 in range(0, HWi, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            v = tl.load(x_ptr + (base + offs_r)[:, None] * C + offs_c[None, :],
+                        mask=(offs_r < HWi)[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+            acc += v
+        z = (tl.sum(acc, axis=0) / HWi)[None, :]
+        rows = tl.zeros((1,), dtype=tl.int32) + b
+        m_ok = rows == b
+        _epilogue(z, rows, rows, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, 1,
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64)  # fmt: skip
+        if pc == 0:
+            tl.atomic_add(cnt_ptr, 1)
+            tl.atomic_add(act_ptr, na)
+
+
+__all__ = [
+    "CH_AFFINE",
+    "CH_CLAMP",
+    "CH_NONE",
+    "CH_QCHANNEL",
+    "CH_QROW",
+    "CH_QSCALAR",
+    "compact_kernel",
+    "depthwise_kernel",
+    "gpool_kernel",
+    "input_commit_kernel",
+    "rows_gemm_kernel",
+    "taps_gemm_kernel",
+    "triton",
+]

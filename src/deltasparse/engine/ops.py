@@ -1,0 +1,445 @@
+"""Runtime ops of the delta engine: state buffers, row selection, compute, chain, commit.
+
+Exactness (DESIGN.md §4, issue 4 point 2). An op never *accumulates* deltas: when an input
+pixel changes, the op recomputes the outputs whose window contains it **from the stored
+current inputs** (gather the reachable rows -> dense GEMM), applies its fused pointwise chain
+(activation, quantiser) and overwrites those rows of its state. Every stored value is
+therefore a function of the current inputs only -- the same function the dense model
+computes, up to float summation order -- so there is no temporal error to accumulate and
+no drift, however long the stream. For 1x1 convs and linears this costs exactly the ideal
+(changed rows x C_in x C_out); for k x k convs it costs the reachable output rows x full
+fan-in. A quantiser output that did not change is not propagated: the next op only sees
+the rows whose value changed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import Backend, ConvSpec, LinearSpec, PoolSpec
+from .plan import ChainOp
+
+__all__ = ["OpStats", "RuntimeOp", "Value"]
+
+_EMPTY = torch.empty(0)
+
+
+class _State:
+    __slots__ = ("buf", "changed")
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self.buf = buf
+        self.changed: torch.Tensor | None = None  # None: every row (first frame)
+
+
+class Value:
+    """The stored state of one activation map: rows ``(B*H*W + 1, C)``, last row zero.
+
+    Values made with :meth:`alias` (flatten of a ``(B, C, 1, 1)`` map) share the state.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], device, dtype,
+                 state: _State | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.shape = tuple(int(s) for s in shape)  # (B, C, H, W) or (B, F)
+        if len(self.shape) == 4:
+            b, c, h, w = self.shape
+        elif len(self.shape) == 2:
+            (b, c), h, w = self.shape, 1, 1
+        else:
+            raise ValueError(f"engine values are (B, C, H, W) or (B, F), got {self.shape}")
+        self.batch, self.channels, self.hw = b, c, (h, w)
+        self.rows = b * h * w
+        if state is None:
+            state = _State(torch.zeros(self.rows + 1, c, device=device, dtype=dtype))
+        self.state = state
+
+    @property
+    def buf(self) -> torch.Tensor:
+        return self.state.buf
+
+    @property
+    def changed(self) -> torch.Tensor | None:
+        return self.state.changed
+
+    @changed.setter
+    def changed(self, v: torch.Tensor | None) -> None:
+        self.state.changed = v
+
+    def alias(self, name: str, shape: tuple[int, ...]) -> Value:
+        return Value(name, shape, None, None, state=self.state)
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    def dense_bytes(self) -> int:
+        return self.rows * self.channels * self.buf.element_size()
+
+    def as_tensor(self) -> torch.Tensor:
+        """A fresh tensor in the model's layout (NCHW or (B, F))."""
+        x = self.buf[: self.rows]
+        if not self.spatial:
+            return x.clone()
+        b, c, h, w = self.shape
+        return x.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class OpStats:
+    name: str
+    kind: str
+    kernel: str
+    dense_macs_per_frame: int = 0
+    macs_per_row: int = 0
+    out_rows: int = 0
+    in_rows: int = 0
+    frames: int = 0
+    dense_frames: int = 0
+    rows_computed: int = 0
+    active_in: int = 0
+    changed_out: int = 0
+    effective_macs: int = 0
+    delta_macs: float = 0.0
+    time_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        f = max(self.frames, 1)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "kernel": self.kernel,
+            "frames": self.frames,
+            "dense_frames": self.dense_frames,
+            "dense_macs": self.dense_macs_per_frame * self.frames,
+            "effective_macs": self.effective_macs,
+            "delta_macs": self.delta_macs,
+            "input_density": self.active_in / (self.in_rows * f) if self.in_rows else None,
+            "computed_density": self.rows_computed / (self.out_rows * f) if self.out_rows else None,
+            "output_density": self.changed_out / (self.out_rows * f) if self.out_rows else None,
+            "time_s": self.time_s,
+        }
+
+
+def _union(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    nonempty = [p for p in parts if p.numel()]
+    if not nonempty:
+        return parts[0]
+    parts = nonempty
+    if len(parts) == 1:
+        return parts[0]
+    mask = torch.zeros(n, dtype=torch.bool, device=parts[0].device)
+    for p in parts:
+        mask[p] = True
+    return mask.nonzero().squeeze(1)
+
+
+def _empty_rows(device=None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+class Chain:
+    """The fused pointwise ops of one runtime op, applied in place to computed rows."""
+
+    def __init__(self, ops: list[ChainOp], out_shape: tuple[int, ...], device, dtype) -> None:
+        self.steps: list[tuple] = []
+        spatial = len(out_shape) == 4
+        hw = out_shape[2] * out_shape[3] if spatial else 1
+        self.hw = hw
+        for op in ops:
+            if op.kind == "clamp":
+                self.steps.append(("clamp", op.params["lo"], op.params["hi"]))
+            elif op.kind == "bn":
+                bn = op.params["bn"]
+                alpha, beta = _bn_affine(bn, out_shape[1], device, dtype)
+                self.steps.append(("affine", alpha, beta))
+            elif op.kind == "quant":
+                layer = op.params["layer"]
+                if layer.activation == "relu":
+                    self.steps.append(("clamp", 0.0, None))
+                elif layer.activation == "relu6":
+                    self.steps.append(("clamp", 0.0, 6.0))
+                thr = layer.threshold.detach().to(device=device, dtype=torch.float32)
+                per_row = False
+                if thr.dim() > 1:  # neuron granularity on a (C, H, W) map -> (H*W, C)
+                    thr = thr.reshape(thr.shape[0], -1).t().contiguous()
+                    per_row = True
+                self.steps.append(("quant", thr, per_row))
+            else:  # pragma: no cover - plan only emits the kinds above
+                raise AssertionError(op.kind)
+
+    @property
+    def fused(self) -> tuple | None:
+        """``(lo, hi, thr, thr_mode)`` when the chain is ``[clamp]? [quant]?`` (else None)."""
+        steps = list(self.steps)
+        lo, hi = float("-inf"), float("inf")
+        if steps and steps[0][0] == "clamp":
+            lo = float("-inf") if steps[0][1] is None else float(steps[0][1])
+            hi = float("inf") if steps[0][2] is None else float(steps[0][2])
+            steps.pop(0)
+        if not steps:
+            return lo, hi, _EMPTY, 0
+        if len(steps) == 1 and steps[0][0] == "quant":
+            thr, per_row = steps[0][1], steps[0][2]
+            mode = 3 if per_row else (1 if thr.dim() == 0 else 2)
+            return lo, hi, thr.reshape(-1).contiguous(), mode
+        return None
+
+    def __call__(self, z: torch.Tensor, rows: torch.Tensor | None, batch: int) -> None:
+        for step in self.steps:
+            if step[0] == "clamp":
+                z.clamp_(step[1], step[2])
+            elif step[0] == "affine":
+                z.mul_(step[1]).add_(step[2])
+            else:
+                thr = step[1]
+                if step[2]:
+                    if rows is None:
+                        zz = z.view(batch, self.hw, -1)
+                        zz.div_(thr).round_().mul_(thr)
+                        continue
+                    thr = thr.index_select(0, rows % self.hw)
+                # quantize(): round(a / thr) * thr in float32, round half to even.
+                z.div_(thr).round_().mul_(thr)
+
+
+def _bn_affine(bn, channels: int, device, dtype):
+    """PyTorch's eval-mode batch norm as ``x * alpha + beta`` (its own CPU formulation)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"DeltaEngine: {type(bn).__name__} without running statistics "
+            "(track_running_stats=False) uses batch statistics at inference; not supported"
+        )
+    invstd = 1.0 / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+    w = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(invstd)
+    b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(invstd)
+    alpha = invstd * w
+    beta = b - bn.running_mean.detach().float() * alpha
+    return alpha.to(device=device, dtype=dtype), beta.to(device=device, dtype=dtype)
+
+
+class RuntimeOp:
+    """One engine op: choose rows -> compute (backend) -> chain -> commit into ``out``."""
+
+    kernel = "pointwise"
+    bias: torch.Tensor | None = None
+
+    def __init__(self, name: str, kind: str, inputs: list[Value], out: Value, chain: Chain,
+                 backend: Backend, crossover: dict[str, float]) -> None:  # fmt: skip
+        self.name, self.kind = name, kind
+        self.inputs, self.out, self.chain = inputs, out, chain
+        self.backend = backend
+        self.crossover = crossover.get(self.kernel, 0.5) if backend.sparse else 0.0
+        self.stats = OpStats(name, kind, self.kernel, out_rows=out.rows,
+                             in_rows=sum(v.rows for v in inputs))  # fmt: skip
+
+    # -- to override -------------------------------------------------------------------
+    def select(self) -> torch.Tensor | None:
+        """Output rows to recompute (inputs' changes are known); None = all."""
+        return _union([v.changed for v in self.inputs], self.out.rows)
+
+    def compute(self, rows: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- driver ------------------------------------------------------------------------
+    def _too_dense(self, n: int, total: int) -> bool:
+        return n > self.crossover * total
+
+    def run(self, first: bool) -> None:
+        t0 = time.perf_counter()
+        st = self.stats
+        st.frames += 1
+        if first or any(v.changed is None for v in self.inputs):
+            active = sum(v.rows for v in self.inputs)
+            rows = None
+        else:
+            active = sum(int(v.changed.numel()) for v in self.inputs)
+            if active == 0 and self.backend.sparse:
+                self.out.changed = _empty_rows(self.out.buf.device)
+                st.time_s += time.perf_counter() - t0
+                return
+            if self.backend.sparse and not self._too_dense(active, st.in_rows):
+                rows = self.select()
+                if rows is not None and self._too_dense(int(rows.numel()), self.out.rows):
+                    rows = None
+            else:
+                rows = None
+        n = self.out.rows if rows is None else int(rows.numel())
+        st.active_in += active
+        st.rows_computed += n
+        st.dense_frames += rows is None
+        computed = self.backend.rows_computed(self.kernel, n, self.out.rows, st.macs_per_row)
+        st.effective_macs += computed * st.macs_per_row
+        if st.in_rows:
+            st.delta_macs += st.dense_macs_per_frame * active / st.in_rows
+        if n:
+            z = self.compute(rows)
+            self.out.changed = self.backend.finish(self.out, rows, z, self.chain, first,
+                                                   self.bias)  # fmt: skip
+            if first:
+                st.changed_out += self.out.rows
+            else:
+                st.changed_out += int(self.out.changed.numel())
+        else:
+            self.out.changed = _empty_rows(self.out.buf.device)
+        st.time_s += time.perf_counter() - t0
+
+
+class InputOp(RuntimeOp):
+    kernel = "input"
+    prev: torch.Tensor | None = None
+
+    def set_frame(self, frame: torch.Tensor, first: bool) -> None:
+        """Store the frame as rows; the changed pixels are found on the NCHW frame itself so
+        that a mostly static frame is not transposed in full (C is tiny: a strided copy)."""
+        t0 = time.perf_counter()
+        v = self.out
+        b, c = frame.shape[:2]
+        st = self.stats
+        st.frames += 1
+        if first or self.prev is None:
+            v.buf[: v.rows].copy_(frame.permute(0, 2, 3, 1).reshape(v.rows, c))
+            self.prev = frame.contiguous().clone()
+            v.changed = None
+            st.changed_out += v.rows
+        else:
+            ne = (frame != self.prev).view(b, c, -1)
+            mask = ne[:, 0].clone()
+            for k in range(1, c):
+                mask |= ne[:, k]
+            changed = mask.view(-1).nonzero().squeeze(1)
+            n = int(changed.numel())
+            if n > v.rows // 4:
+                v.buf[: v.rows].copy_(frame.permute(0, 2, 3, 1).reshape(v.rows, c))
+            elif n:
+                hw = v.rows // b
+                rows = frame.reshape(b, c, hw)[changed // hw, :, changed % hw]
+                v.buf.index_copy_(0, changed, rows)
+            self.prev.copy_(frame)
+            v.changed = changed
+            st.changed_out += n
+        st.time_s += time.perf_counter() - t0
+
+
+class PointwiseOp(RuntimeOp):
+    kernel = "pointwise"
+
+    def compute(self, rows):
+        x = self.inputs[0].buf
+        return x[: self.out.rows].clone() if rows is None else x.index_select(0, rows)
+
+
+class LinearOp(RuntimeOp):
+    """``Linear`` or a 1x1 stride-1 conv: output row r depends on input row r only."""
+
+    kernel = "linear"
+
+    def __init__(self, *a, spec: LinearSpec, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.spec, self.bias = spec, spec.bias
+        self.stats.macs_per_row = spec.macs_per_row
+        self.stats.dense_macs_per_frame = spec.macs_per_row * self.out.rows
+
+    def select(self):
+        return self.inputs[0].changed
+
+    def compute(self, rows):
+        return self.backend.linear(self.inputs[0].buf, self.spec, rows)
+
+
+class ConvOp(RuntimeOp):
+    kernel = "conv"
+
+    def __init__(self, *a, spec: ConvSpec, **kw) -> None:
+        self.kernel = "depthwise" if spec.depthwise else "conv"
+        super().__init__(*a, **kw)
+        self.spec, self.bias = spec, spec.bias
+        self.stats.macs_per_row = spec.macs_per_row
+        self.stats.dense_macs_per_frame = spec.macs_per_row * self.out.rows
+
+    def select(self):
+        return self.spec.geom.reachable(self.inputs[0].changed)
+
+    def compute(self, rows):
+        fn = self.backend.depthwise if self.spec.depthwise else self.backend.conv
+        return fn(self.inputs[0].buf, self.spec, rows)
+
+
+class PoolOp(RuntimeOp):
+    kernel = "pool"
+
+    def __init__(self, *a, spec: PoolSpec, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.spec = spec
+
+    def select(self):
+        return self.spec.geom.reachable(self.inputs[0].changed)
+
+    def compute(self, rows):
+        return self.backend.pool(self.inputs[0].buf, self.spec, rows)
+
+
+class SampleOp(RuntimeOp):
+    """Ops whose output row is a whole sample: global average pooling and flatten."""
+
+    kernel = "pointwise"
+
+    def __init__(self, *a, mode: str, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.mode = mode  # "mean" | "flatten"
+
+    def select(self):
+        x = self.inputs[0]
+        hw = x.hw[0] * x.hw[1]
+        return torch.unique(x.changed // hw)
+
+    def compute(self, rows):
+        x = self.inputs[0]
+        (h, w), c = x.hw, x.channels
+        m = x.buf[: x.rows].view(x.batch, h * w, c)
+        if rows is not None:
+            m = m.index_select(0, rows)
+        if self.mode == "mean":
+            return m.mean(1)
+        return m.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(m.shape[0], c * h * w)
+
+
+class AddOp(RuntimeOp):
+    def compute(self, rows):
+        a, b = (v.buf for v in self.inputs)
+        if rows is None:
+            p = self.out.rows
+            return a[:p] + b[:p]
+        return a.index_select(0, rows) + b.index_select(0, rows)
+
+
+class CatOp(RuntimeOp):
+    def compute(self, rows):
+        if rows is None:
+            p = self.out.rows
+            return torch.cat([v.buf[:p] for v in self.inputs], dim=1)
+        return torch.cat([v.buf.index_select(0, rows) for v in self.inputs], dim=1)
+
+
+class FallbackOp(RuntimeOp):
+    """An op the engine has no kernel for, run densely whenever one of its inputs changed."""
+
+    kernel = "fallback"
+
+    def __init__(self, *a, fn, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.fn = fn  # list of NCHW tensors -> NCHW tensor
+        self.crossover = 0.0
+
+    def compute(self, rows):
+        y = self.fn([v.as_tensor() for v in self.inputs])
+        if y.dim() == 4:
+            y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        return y.contiguous()

@@ -1,0 +1,328 @@
+"""Lower a per-frame model's fx graph into an engine plan (shape-free, checked once).
+
+Every fx node becomes one of: an *anchor* op that computes new values at chosen rows
+(conv, linear, pooling, add, concat, flatten, global pooling, a dense fallback), a
+*pointwise* op fused into the chain of the anchor before it (batch norm, ReLU/ReLU6/Hardtanh/
+clamp, the DeltaActivation quantiser), or an *alias* (identity, dropout, ActivationL1,
+``contiguous``, flatten of a ``(B, C, 1, 1)`` map) that shares its input's state. Batch norm
+right after a conv or linear is folded into a copy of the weights at build time.
+
+Anything else raises :class:`UnsupportedOpError` naming the op and the module, unless the
+engine was built with ``fallback="dense"``: then that op is recomputed densely whenever one of
+its inputs changed, and the stats list it as a dense fallback.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["ChainOp", "PlanOp", "UnsupportedOpError", "build_plan", "trace_model"]
+
+SUPPORTED = (
+    "Conv2d (any kernel/stride/padding/dilation/groups, zero padding), Linear, BatchNorm1d/2d, "
+    "ReLU/ReLU6/Hardtanh/clamp, Identity, Dropout, DeltaActivation, ActivationL1, "
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, add, cat(dim=1), mean over (H, W)"
+)
+
+
+class UnsupportedOpError(TypeError):
+    """An op of the model that the delta engine cannot run (names the op and the module)."""
+
+
+@dataclass
+class ChainOp:
+    """A pointwise op applied in place to freshly computed rows."""
+
+    kind: str  # "clamp" | "affine" | "bn" | "quant"
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlanOp:
+    kind: str  # input | conv | linear | maxpool | avgpool | gpool | add | cat | flatten |
+    #            pointwise | fallback
+    node: fx.Node
+    inputs: list[fx.Node]
+    out: fx.Node  # the last node of the fused chain: the value this op stores
+    module: nn.Module | None = None
+    qualname: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    chain: list[ChainOp] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.qualname or self.node.name
+
+
+def _sparsity_classes():
+    from ..layers import ActivationL1, DeltaActivation, SparsityLayer
+
+    return DeltaActivation, ActivationL1, SparsityLayer
+
+
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """The model's fx graph; ``VideoModel`` is unwrapped to its ``frame_model``."""
+    from ..layers import VideoModel
+
+    if isinstance(model, VideoModel):
+        model = model.frame_model
+    if isinstance(model, fx.GraphModule):
+        return model
+    _, _, sparsity_layer = _sparsity_classes()
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, sparsity_layer) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise UnsupportedOpError(
+            f"DeltaEngine: torch.fx could not trace {type(model).__name__}: {exc}. Pass the "
+            "GraphModule that ds.convert() returns, or make the model fx-traceable"
+        ) from exc
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} '{target}' at node '{node.name}'"
+
+
+_RELU_FUNCS = {F.relu, torch.relu}
+_ALIAS_METHODS = {"contiguous"}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict]:
+    """``(role, params)``; role is 'alias', 'chain:<kind>', an anchor kind, or 'unsupported'."""
+    delta_cls, l1_cls, _ = _sparsity_classes()
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, delta_cls):
+            return "chain:quant", {"layer": m}
+        if isinstance(m, (l1_cls, nn.Identity, nn.Dropout, nn.Dropout2d)):
+            return "alias", {}
+        if isinstance(m, nn.Conv2d):
+            return "conv", {}
+        if isinstance(m, nn.Linear):
+            return "linear", {}
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            return "chain:bn", {"bn": m}
+        if isinstance(m, nn.ReLU):
+            return "chain:clamp", {"lo": 0.0, "hi": None}
+        if isinstance(m, nn.ReLU6):
+            return "chain:clamp", {"lo": 0.0, "hi": 6.0}
+        if isinstance(m, nn.Hardtanh):
+            return "chain:clamp", {"lo": float(m.min_val), "hi": float(m.max_val)}
+        if isinstance(m, nn.MaxPool2d):
+            return "maxpool", {}
+        if isinstance(m, nn.AvgPool2d):
+            return "avgpool", {}
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return "adaptive", {"output_size": m.output_size}
+        if isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                return "unsupported", {"why": "only Flatten(start_dim=1, end_dim=-1)"}
+            return "flatten", {}
+        return "unsupported", {}
+    if node.op == "call_function":
+        f = node.target
+        if f in _RELU_FUNCS:
+            return "chain:clamp", {"lo": 0.0, "hi": None}
+        if f is F.relu6:
+            return "chain:clamp", {"lo": 0.0, "hi": 6.0}
+        if f is F.hardtanh:
+            lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+            return "chain:clamp", {"lo": float(lo), "hi": float(hi)}
+        if f is torch.clamp:
+            lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+            if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+                return "unsupported", {"why": "clamp bounds must be numbers"}
+            return "chain:clamp", {"lo": lo, "hi": hi}
+        if f is F.dropout:
+            return "alias", {}
+        if f in _ADD_FUNCS:
+            if f is torch.add and _arg(node, 2, "alpha", 1) != 1:
+                return "unsupported", {"why": "add with alpha != 1"}
+            return "add", {}
+        if f is torch.cat:
+            return "cat", {"dim": _arg(node, 1, "dim", 0)}
+        if f is torch.flatten:
+            if _arg(node, 1, "start_dim", 0) != 1 or _arg(node, 2, "end_dim", -1) != -1:
+                return "unsupported", {"why": "only torch.flatten(x, 1)"}
+            return "flatten", {}
+        if f is F.max_pool2d:
+            return "maxpool", {}
+        if f is F.avg_pool2d:
+            return "avgpool", {}
+        if f is F.adaptive_avg_pool2d:
+            return "adaptive", {"output_size": _arg(node, 1, "output_size")}
+        return "unsupported", {}
+    if node.op == "call_method":
+        t = node.target
+        if t in ("relu", "relu_"):
+            return "chain:clamp", {"lo": 0.0, "hi": None}
+        if t in ("clamp", "clamp_"):
+            lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+            if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+                return "unsupported", {"why": "clamp bounds must be numbers"}
+            return "chain:clamp", {"lo": lo, "hi": hi}
+        if t in _ALIAS_METHODS:
+            return "alias", {}
+        if t in ("add", "add_"):
+            if _arg(node, 2, "alpha", 1) != 1:
+                return "unsupported", {"why": "add with alpha != 1"}
+            return "add", {}
+        if t == "flatten":
+            if _arg(node, 1, "start_dim", 0) != 1 or _arg(node, 2, "end_dim", -1) != -1:
+                return "unsupported", {"why": "only x.flatten(1)"}
+            return "flatten", {}
+        if t == "mean":
+            dims = _arg(node, 1, "dim")
+            dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+            if sorted(d % 4 for d in dims if isinstance(d, int)) == [2, 3] and len(dims) == 2:
+                return "gpool", {"keepdim": bool(_arg(node, 2, "keepdim", False))}
+            return "unsupported", {"why": "only mean over the spatial dims (2, 3)"}
+        return "unsupported", {}
+    return "unsupported", {}
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    for a in node.all_input_nodes:
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[PlanOp], dict]:
+    """The ordered ops of the engine and the alias map ``node -> node that holds its value``."""
+    if fallback not in ("error", "dense"):
+        raise ValueError(f"fallback must be 'error' or 'dense', got {fallback!r}")
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    roles = {}
+    for n in nodes:
+        if n.op in ("placeholder", "output"):
+            roles[n] = (n.op, {})
+        elif n.op == "get_attr":
+            roles[n] = ("unsupported", {"why": "tensor constants (get_attr) are not supported"})
+        else:
+            roles[n] = _classify(n, modules)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedOpError(
+            f"DeltaEngine: the model must take exactly one input (frames), found "
+            f"{len(placeholders)} placeholders: {[p.name for p in placeholders]}"
+        )
+
+    alias: dict[fx.Node, fx.Node] = {}
+
+    def resolve(n: fx.Node) -> fx.Node:
+        while n in alias:
+            n = alias[n]
+        return n
+
+    absorbed: set[fx.Node] = set()
+    ops: list[PlanOp] = []
+    for n in nodes:
+        if n in absorbed:
+            continue
+        role, params = roles[n]
+        if role == "output":
+            out = n.args[0]
+            if not isinstance(out, fx.Node):
+                raise UnsupportedOpError(
+                    "DeltaEngine: the model must return a single tensor, got "
+                    f"{type(out).__name__}"
+                )
+            ops.append(PlanOp("output", n, [resolve(out)], n))
+            continue
+        if role == "alias":
+            ins = _tensor_inputs(n)
+            alias[n] = ins[0]
+            continue
+        if role == "unsupported":
+            if fallback == "dense" and n.op in ("call_module", "call_function", "call_method"):
+                role = "fallback"
+            else:
+                why = params.get("why")
+                raise UnsupportedOpError(
+                    f"DeltaEngine: unsupported op {_describe(n, modules)}"
+                    + (f" ({why})" if why else "")
+                    + f". Supported: {SUPPORTED}. Build the engine with fallback='dense' to run "
+                    "such ops densely (reported in engine.stats)"
+                )
+        kind = "input" if role == "placeholder" else role
+        if kind.startswith("chain:"):
+            kind = "pointwise"
+            chain_start = n
+        else:
+            chain_start = None
+        mod = modules[n.target] if n.op == "call_module" else None
+        qual = str(n.target) if n.op == "call_module" else None
+        op = PlanOp(kind, n, [resolve(a) for a in _tensor_inputs(n)], n, mod, qual, params)
+        if kind == "input":
+            op.inputs = []
+        cur = n
+        if chain_start is not None:
+            op.chain.append(_chain_op(chain_start, roles[chain_start]))
+        # Fuse the pointwise successors that nobody else reads.
+        while kind not in ("output", "fallback"):
+            users = list(cur.users)
+            if len(users) != 1:
+                break
+            u = users[0]
+            urole, uparams = roles[u]
+            if urole == "alias" and len(_tensor_inputs(u)) == 1:
+                absorbed.add(u)
+                cur = u
+                continue
+            if not urole.startswith("chain:") or _tensor_inputs(u) != [cur]:
+                break
+            op.chain.append(_chain_op(u, (urole, uparams)))
+            absorbed.add(u)
+            cur = u
+        op.out = cur
+        # Intermediate chain nodes are only read by the chain itself; map them all to `cur`.
+        for m in _chain_nodes(n, cur):
+            if m is not cur:
+                alias[m] = cur
+        ops.append(op)
+    return ops, alias
+
+
+def _chain_nodes(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    out = [start]
+    cur = start
+    while cur is not end:
+        cur = next(iter(cur.users))
+        out.append(cur)
+    return out
+
+
+def _chain_op(node: fx.Node, role: tuple[str, dict]) -> ChainOp:
+    kind = role[0].split(":", 1)[1]
+    return ChainOp(kind, node.name, dict(role[1]))

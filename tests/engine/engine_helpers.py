@@ -1,0 +1,171 @@
+"""Helpers for the engine tests: random converted models that cover every supported op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltasparse as ds
+
+
+class AllOps(nn.Module):
+    """Every op kind the engine supports, in one fx-traceable per-frame model."""
+
+    def __init__(self, c_in: int = 3, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn_dw = nn.BatchNorm2d(8)
+        self.act_dw = nn.ReLU()
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.bn_pw = nn.BatchNorm2d(16)
+        self.act_pw = nn.Hardtanh(0.0, 3.0)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.tall = nn.Conv2d(16, 16, (3, 1), padding=(1, 0))
+        self.bn_res = nn.BatchNorm2d(16)
+        self.avg = nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False)
+        self.wide = nn.Conv2d(32, 12, 5, stride=1, padding=2)
+        self.drop = nn.Dropout(0.5)
+        self.adapt = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(12 * 4, 24)
+        self.bn_fc = nn.BatchNorm1d(24)
+        self.fc2 = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act_dw(self.bn_dw(self.dw(x)))
+        x = self.act_pw(self.bn_pw(self.pw(x)))
+        x = F.relu(self.grouped(x))
+        x = self.pool(x)
+        y = self.bn_res(self.tall(x))
+        x = F.relu(x + y)  # residual add
+        x = torch.cat([x, F.max_pool2d(x, 3, 1, 1)], dim=1)
+        x = self.avg(x)
+        x = torch.clamp(self.wide(x), 0.0, 4.0)
+        x = self.adapt(self.drop(x))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.bn_fc(self.fc1(x)))
+        return self.fc2(x)
+
+
+class GlobalPoolNet(nn.Module):
+    """Global pooling by ``mean`` + ``nn.Flatten`` of a (B, C, 1, 1) map, ReLU as a method."""
+
+    def __init__(self, c_in: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu()
+        y = F.relu6(self.conv2(x))
+        a = self.flat(self.gap(y))
+        b = x.mean((2, 3))
+        return self.fc(torch.cat([a, b], dim=1))
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial batch-norm statistics and affine parameters (eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.8 + 0.4 * torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def converted(model: nn.Module, example: torch.Tensor, *, thr: float = 0.1,
+              granularity: str = "channel", seed: int = 0, **cfg) -> nn.Module:  # fmt: skip
+    """Convert, create the thresholds, and spread them around ``thr``."""
+    model = randomize(model, seed)
+    gm = ds.convert(model, ds.DeltaConfig(granularity=granularity, threshold_init=thr, **cfg),
+                    example_input=example)  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in gm.modules():
+        if isinstance(m, ds.DeltaActivation):
+            m.theta.data.mul_(0.5 + torch.rand(m.theta.shape, generator=g))
+    return gm.eval()
+
+
+def quantised_layers(gm) -> list[str]:
+    return [n for n, m in gm.named_modules() if isinstance(m, ds.DeltaActivation)]
+
+
+class DenseRecorder:
+    """Dense forward that also records every DeltaActivation output (by fx node name)."""
+
+    def __init__(self, gm) -> None:
+        self.gm = gm
+        self.nodes = {
+            str(n.target): n.name
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ds.DeltaActivation)
+        }
+
+    @torch.no_grad()
+    def __call__(self, x):
+        out: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.gm.get_submodule(t).register_forward_hook(
+                lambda m, i, o, name=name: out.__setitem__(name, o.detach().clone())
+            )
+            for t, name in self.nodes.items()
+        ]
+        try:
+            y = self.gm(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return y, out
+
+
+def compare(engine, rec: DenseRecorder, frame) -> tuple[float, int, int]:
+    """``(max |logit diff|, differing quantised activations, total)`` for one frame."""
+    y = engine.step(frame)
+    yd, acts = rec(frame)
+    vals = engine.values(set(acts))
+    diff = sum(int((vals[k] != v).sum()) for k, v in acts.items())
+    total = sum(v.numel() for v in acts.values())
+    return float((y - yd).abs().max()), diff, total
+
+
+ALWAYS_SPARSE = {k: 1.0 for k in ("linear", "conv", "depthwise", "pool", "pointwise")}
+
+
+class TinyResNet(nn.Module):
+    """torchvision-ResNet-shaped: 7x7/2 stem, max pool, basic blocks with ``out += identity``
+    and a strided 1x1 downsample, global pooling, fc."""
+
+    def __init__(self, classes: int = 6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.a1 = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
+        self.abn1 = nn.BatchNorm2d(16)
+        self.a2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+        self.abn2 = nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        identity = self.down(x)
+        out = self.relu(self.abn1(self.a1(x)))
+        out = self.abn2(self.a2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.avgpool(out), 1))
