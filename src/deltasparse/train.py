@@ -56,6 +56,7 @@ class TrainConfig:
     synthetic_classes: int = 10
     synthetic_frames: int = 16
     resolution: int = 64
+    resize: int | None = None  # short side before cropping; default resolution * 8/7
     clip_len: int = 4
     eval_clip_len: int | None = None
     frame_stride: int = 1
@@ -160,7 +161,7 @@ def build_datasets(cfg: TrainConfig):
         split=cfg.split,
         frame_stride=cfg.frame_stride,
         crop=(cfg.resolution, cfg.resolution),
-        resize=int(round(cfg.resolution * 8 / 7)),
+        resize=cfg.resize or int(round(cfg.resolution * 8 / 7)),
         cache_dir=cfg.cache_dir,
         seed=cfg.seed,
     )
@@ -385,7 +386,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False)
         start_epoch = state["epoch"] + 1
         log.info("resumed %s at epoch %d", ckpt_path, start_epoch)
     elif resume:
-        log.warning("--resume: no checkpoint at %s, starting from scratch", ckpt_path)
+        log.info("--resume: no checkpoint at %s yet, starting from scratch", ckpt_path)
 
     net: nn.Module = model
     if world > 1:

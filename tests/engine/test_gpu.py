@@ -294,8 +294,8 @@ class _Graphed:
             return out
         return self.gs.step(frame)
 
-    def values(self):
-        return self.engine.values()
+    def values(self, names=None):
+        return self.engine.values(names)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel", "neuron"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .base import Backend
 from .specs import ConvSpec, LinearSpec, PoolSpec
+from .torch_ops import dense_pool
 
 __all__ = ["ReferenceBackend"]
 
@@ -52,13 +53,6 @@ class ReferenceBackend(Backend):
     depthwise = conv
 
     def pool(self, x: torch.Tensor, spec: PoolSpec, rows: torch.Tensor | None):
-        g = spec.geom
-        xv = _nchw(x, g.batch, g.in_hw)
-        if spec.mode == "max":
-            y = F.max_pool2d(xv, g.kernel, g.stride, g.padding, g.dilation, spec.ceil_mode)
-        else:
-            y = F.avg_pool2d(
-                xv, g.kernel, g.stride, g.padding, spec.ceil_mode, spec.count_include_pad,
-                spec.divisor_override,
-            )  # fmt: skip
-        return _rows(y, rows)
+        # Pooling has no layout-dependent arithmetic: the torch backend's dense pool is exact.
+        y = dense_pool(x, spec)
+        return y.contiguous() if rows is None else y.index_select(0, rows)
