@@ -67,8 +67,9 @@ def plot_layer_density(data: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("layer index (names in the per-layer table)")
         ax.set_ylabel("counted density (nonzero / total)")
         ax.set_title(
-            "Per-layer density of the counted activations "
-            "(temporal deltas for delta runs, activations otherwise; lower = fewer operations)"
+            "Per-layer density of the counted activations\n"
+            "(temporal deltas for delta runs, activations otherwise; lower = fewer operations)",
+            fontsize=10,
         )
         ax.grid(axis="x", visible=False)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
