@@ -25,10 +25,6 @@ __all__ = ["iter_video", "run_stream"]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def iter_video(path: str | Path, size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
     """uint8 RGB frames ``(H, W, 3)`` of a video file, decoded lazily (``size`` = (H, W))."""
     import av
@@ -53,12 +49,10 @@ def iter_video(path: str | Path, size: tuple[int, int] | None = None) -> Iterato
 
 
 def to_tensor(rgb: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> normalised ``(1, 3, H, W)``."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device=device, dtype=dtype)
-    x = x.permute(2, 0, 1).unsqueeze(0) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    """uint8 ``(H, W, 3)`` -> ``(1, 3, H, W)``, normalised exactly as the training loader does."""
+    from ..data.transforms import normalize_frames
+
+    return normalize_frames(rgb[None]).to(device=device, dtype=dtype)
 
 
 def _load(checkpoint: str | Path) -> tuple[nn.Module, tuple[int, int] | None]:
