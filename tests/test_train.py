@@ -202,3 +202,17 @@ def test_stream_cli_on_mp4_matches_dense(recipe, tmp_path):
     assert all("pred" in f for f in res["per_frame"])
     assert res["max_abs_err"] < 1e-4  # every frame checked against the dense model
     assert res["per_frame"][0]["density"] == 1.0  # the first frame is dense
+
+
+def test_bench_cli_with_trained_checkpoint(recipe, tmp_path):
+    root, _ = recipe
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--models", "mobilenet_v1", "--resolutions", "32x32", "--threads", "1",
+               "--densities", "1.0", "--frames", "2", "--checkpoint",
+               str(root / "delta" / "model.pt"), "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["dense_ms"] > 0 and r["delta_ms"] > 0
+    assert r["achieved_speedup"] == pytest.approx(r["dense_ms"] / r["delta_ms"], rel=1e-6)

@@ -58,9 +58,10 @@ def build_bench_model(name: str, *, checkpoint: str | None = None, seed: int = 0
     import deltasparse as ds
 
     if checkpoint is not None:
-        from ..checkpoint import load_checkpoint  # provided by the training side
+        from ..train import load_model  # the training side owns the checkpoint format
 
-        return load_checkpoint(checkpoint).eval()
+        model, _, _ = load_model(checkpoint)
+        return model.frame_model.eval()
     torch.manual_seed(seed)
     kwargs = {"num_classes": 101}
     model = ds.models.create(name, **kwargs)
