@@ -1,4 +1,4 @@
-"""CPU benchmark of the delta engine: dense vs delta side by side (issue 4, point 6).
+"""CPU benchmark of the delta engine: dense vs delta side by side.
 
     PYTHONPATH=src python bench/engine_cpu.py [--quick] [--out bench/results/engine_cpu.json]
 
@@ -26,8 +26,8 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from deltasparse.engine.bench import run_bench
-from deltasparse.engine.printing import bench_markdown, print_bench
+from deltasparse.benchmark import run_bench
+from deltasparse.printing import bench_markdown, print_bench
 
 
 def main() -> None:

@@ -192,7 +192,7 @@ def profile_kernels(gs, frames, steps: int = 3) -> list[dict]:
 
 def moving_stream(gs, r, res, args) -> dict:
     """The project's synthetic stream (textured objects moving over a static background)."""
-    from deltasparse.engine.streams import synthetic_stream
+    from deltasparse.data.streams import synthetic_stream
 
     h, w = res
     frames = [f.cuda() for f in synthetic_stream(args.moving_frames + 1, (1, 3, h, w),
@@ -209,7 +209,7 @@ def moving_stream(gs, r, res, args) -> dict:
     torch.cuda.synchronize()
     ts = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
     out = {
-        "stream": "deltasparse.engine.streams.synthetic_stream(objects=2, object_size=0.15, "
+        "stream": "deltasparse.data.streams.synthetic_stream(objects=2, object_size=0.15, "
         "speed=4 px/frame), no noise",
         "frames": len(ts),
         "density": graph_density(gs, before, len(ts)),

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_checkpoint", "save_atomic", "write_json_atomic"]
+__all__ = ["load_checkpoint", "load_model", "save_atomic", "write_json_atomic"]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -53,3 +53,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"{path} is not a deltasparse checkpoint (expected keys 'model' and 'config')"
         )
     return ckpt
+
+
+def load_model(path: str | Path, map_location="cpu") -> tuple:
+    """Rebuild the model of a run from its ``model.pt`` (or ``checkpoint.pt``).
+
+    Returns ``(VideoModel, TrainConfig, checkpoint dict)``.
+    """
+    from .train import TrainConfig, build_model  # the recipe owns model construction
+
+    ckpt = load_checkpoint(path, map_location)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg, ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model, cfg, ckpt

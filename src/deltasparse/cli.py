@@ -144,8 +144,8 @@ def _size(text: str | None):
 
 def _cmd_stream(args) -> int:
     from .checkpoint import write_json_atomic
-    from .engine.printing import StreamProgress, print_stats
-    from .engine.stream import run_stream
+    from .printing import StreamProgress, print_stats
+    from .stream import run_stream
 
     with StreamProgress(total=args.max_frames) as bar:
         result = run_stream(
@@ -161,9 +161,9 @@ def _cmd_stream(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    from .benchmark import run_bench
     from .checkpoint import write_json_atomic
-    from .engine.bench import run_bench
-    from .engine.printing import print_bench
+    from .printing import print_bench
 
     def progress(row: dict) -> None:
         print(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
-from .checkpoint import load_checkpoint, save_atomic, write_json_atomic
+from .checkpoint import load_checkpoint, load_model, save_atomic, write_json_atomic
 from .convert import DeltaConfig, convert
 from .layers import VideoModel, sparsity_layers
 from .losses import make_schedule, set_sparsity_weight, sparsity_loss
@@ -208,15 +208,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> VideoModel:
         )
         frame = convert(frame, dcfg)
     return VideoModel(frame)
-
-
-def load_model(path: str | Path, map_location="cpu") -> tuple[VideoModel, TrainConfig, dict]:
-    """Rebuild the model of a run from its ``model.pt`` (or ``checkpoint.pt``)."""
-    ckpt = load_checkpoint(path, map_location)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    return model, cfg, ckpt
 
 
 def _init_from(model: VideoModel, path: str) -> None:

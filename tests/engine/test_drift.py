@@ -1,4 +1,4 @@
-"""No drift: the engine stays equal to the dense model over long streams (issue 4, point 2).
+"""No drift: the engine stays equal to the dense model over long streams.
 
 The engine never accumulates deltas (each op recomputes its changed outputs from the stored
 current inputs), so its error against the dense model is float rounding that does not grow.
@@ -12,8 +12,8 @@ import pytest
 import torch
 from engine_helpers import AllOps, DenseRecorder, compare, converted
 
+from deltasparse.data.streams import synthetic_stream
 from deltasparse.engine import DeltaEngine
-from deltasparse.engine.streams import synthetic_stream
 
 
 def _run(frames: int, shape, backend="torch"):

@@ -8,8 +8,8 @@ from engine_helpers import AllOps, DenseRecorder, GlobalPoolNet, compare, conver
 from torch import nn
 
 import deltasparse as ds
+from deltasparse.data.streams import synthetic_stream
 from deltasparse.engine import DeltaEngine, UnsupportedOpError
-from deltasparse.engine.streams import synthetic_stream
 
 SHAPE = (2, 3, 28, 44)  # odd sizes on the way down exercise padding and ceil_mode
 

@@ -302,7 +302,7 @@ class _Graphed:
 def test_all_ops_match_dense_on_gpu(granularity, crossover):
     from engine_helpers import AllOps, DenseRecorder, compare, converted
 
-    from deltasparse.engine.streams import synthetic_stream
+    from deltasparse.data.streams import synthetic_stream
 
     frames = [f.cuda() for f in synthetic_stream(20, (2, 3, 28, 44), noise=0.02, seed=1)]
     gm = converted(AllOps(), frames[0].cpu(), granularity=granularity, thr=0.15).cuda()
@@ -323,7 +323,7 @@ def test_all_ops_match_dense_on_gpu(granularity, crossover):
 def test_mobilenet_v1_stream_matches_dense_on_gpu(graphed):
     from engine_helpers import DenseRecorder, compare, converted
 
-    from deltasparse.engine.streams import synthetic_stream
+    from deltasparse.data.streams import synthetic_stream
 
     m = ds.models.mobilenet_v1(num_classes=7, width_mult=0.25)
     frames = [f.cuda() for f in synthetic_stream(12, (1, 3, 64, 96), seed=3)]

@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltasparse.engine.build import _avg_divisor
 from deltasparse.engine.kernels import (
     ConvSpec,
     LinearSpec,
@@ -16,6 +15,7 @@ from deltasparse.engine.kernels import (
     WindowGeom,
 )
 from deltasparse.engine.kernels.geometry import out_size
+from deltasparse.engine.runtime import _avg_divisor
 
 REF, FAST = ReferenceBackend(), TorchBackend()
 

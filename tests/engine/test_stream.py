@@ -10,10 +10,10 @@ import torch
 from engine_helpers import converted
 
 import deltasparse as ds
-from deltasparse.engine.bench import run_bench
-from deltasparse.engine.printing import StreamProgress, bench_table, stats_table
-from deltasparse.engine.stream import iter_video, run_stream, to_tensor
-from deltasparse.engine.streams import synthetic_stream
+from deltasparse.benchmark import run_bench
+from deltasparse.data.streams import synthetic_stream
+from deltasparse.printing import StreamProgress, bench_table, stats_table
+from deltasparse.stream import iter_video, run_stream, to_tensor
 
 
 def _write_mp4(path, frames: int = 24, h: int = 48, w: int = 64) -> None:

@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import nn
 
-from .build import Runtime, build_runtime
 from .kernels import Backend, GeometryCache, get_backend
 from .plan import build_plan, trace_model
+from .runtime import Runtime, build_runtime
 from .stats import EngineStats
 
 __all__ = ["DeltaEngine"]

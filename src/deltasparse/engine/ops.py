@@ -1,6 +1,6 @@
 """Runtime ops of the delta engine: state buffers, row selection, compute, chain, commit.
 
-Exactness (DESIGN.md §4, issue 4 point 2). An op never *accumulates* deltas: when an input
+Exactness (DESIGN.md §4). An op never *accumulates* deltas: when an input
 pixel changes, the op recomputes the outputs whose window contains it **from the stored
 current inputs** (gather the reachable rows -> dense GEMM), applies its fused pointwise chain
 (activation, quantiser) and overwrites those rows of its state. Every stored value is

@@ -5,7 +5,7 @@ computes the op's output (with its bias) at the output rows ``rows`` (a sorted `
 output row when ``rows is None`` (the dense path). It returns a fresh ``(n, C_out)`` tensor
 that :meth:`Backend.finish` completes in place (activation, quantiser) and writes into the layer's state and reports which rows changed.
 
-Op kinds (DESIGN.md §4, issue 4 point 3):
+Op kinds (DESIGN.md §4):
 
 * ``linear``    -- ``Linear`` and 1x1 stride-1 unpadded convs: gather rows -> GEMM.
 * ``conv``      -- any other ``Conv2d`` (k x k, strided, dilated, grouped): gather the k^2 taps

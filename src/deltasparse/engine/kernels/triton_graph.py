@@ -2,7 +2,8 @@
 
 The engine's per-op driver (ops.py) decides on the host which rows each op recomputes, so
 every op costs a device->host round trip and a handful of launches: on a GPU that, not the
-arithmetic, bounds a sparse step (PERF-NOTES: ~0.06 ms per op whatever the density).
+arithmetic, bounds a sparse step (plain torch gather/scatter costs ~0.06 ms per op on an
+H200, whatever the density).
 :class:`GraphStep` runs the same algorithm (DESIGN.md §4; arXiv 2107.07305's delta
 inference) with all decisions on the device:
 
@@ -81,7 +82,7 @@ class GraphStep:
     """Device-side steps of a built engine runtime (see the module docstring).
 
     Args:
-        runtime: the engine's :class:`~deltasparse.engine.build.Runtime` (built by the first,
+        runtime: the engine's :class:`~deltasparse.engine.runtime.Runtime` (built by the first,
             dense frame).
         backend: the :class:`~.triton_gpu.TritonBackend` (device, float32 GEMM precision).
         cuda_graph: capture the step in a CUDA graph at the first call (else launch eagerly).

@@ -1,4 +1,4 @@
-"""``run_bench``: dense and delta inference side by side in one process (issue 4, point 6).
+"""``run_bench``: dense and delta inference side by side in one process.
 
 For every model x resolution x thread count x density target, a synthetic stream (static
 textured scene, moving textured objects) is run through the dense quantised model and
@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .data.streams import synthetic_stream
 from .engine import DeltaEngine
-from .streams import synthetic_stream
 
 __all__ = ["RESOLUTIONS", "build_bench_model", "run_bench", "scale_thresholds"]
 
@@ -58,7 +58,7 @@ def build_bench_model(name: str, *, checkpoint: str | None = None, seed: int = 0
     import deltasparse as ds
 
     if checkpoint is not None:
-        from ..train import load_model  # the training side owns the checkpoint format
+        from .checkpoint import load_model
 
         model, _, _ = load_model(checkpoint)
         return model.frame_model.eval()

@@ -27,7 +27,7 @@ def stats_table(stats, top: int = 0):
     from rich.table import Table
 
     if isinstance(stats, dict):
-        from .stats import EngineStats
+        from .engine.stats import EngineStats
 
         keys = ("frames", "dense_macs", "effective_macs", "delta_macs", "time_s", "state_bytes",
                 "table_bytes", "dense_activation_bytes", "backend", "layers")  # fmt: skip

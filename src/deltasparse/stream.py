@@ -1,4 +1,4 @@
-"""``run_stream``: delta inference over a real video file (issue 4, point 5).
+"""``run_stream``: delta inference over a real video file.
 
 Frames are decoded one at a time with PyAV (imported lazily), optionally resized by FFmpeg,
 normalised with the ImageNet statistics and fed to :class:`DeltaEngine`. Returns (and
@@ -50,13 +50,13 @@ def iter_video(path: str | Path, size: tuple[int, int] | None = None) -> Iterato
 
 def to_tensor(rgb: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` -> ``(1, 3, H, W)``, normalised exactly as the training loader does."""
-    from ..data.transforms import normalize_frames
+    from .data.transforms import normalize_frames
 
     return normalize_frames(rgb[None]).to(device=device, dtype=dtype)
 
 
 def _load(checkpoint: str | Path) -> tuple[nn.Module, tuple[int, int] | None]:
-    from ..train import load_model  # the training side owns the checkpoint format
+    from .checkpoint import load_model
 
     model, cfg, _ = load_model(checkpoint)
     res = getattr(cfg, "resolution", None)
