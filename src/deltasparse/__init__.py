@@ -6,7 +6,7 @@ sparsity in deep neural networks, application in video processing" (arXiv 2107.0
 
 from . import losses, models
 from .convert import DeltaConfig, convert, revert
-from .layers import ActivationL1, DeltaActivation, LayerStats, VideoModel
+from .layers import ActivationL1, DeltaActivation, LayerStats, VideoModel, reset_state
 from .losses import (
     Constant,
     LinearWarmup,
@@ -47,6 +47,7 @@ __all__ = [
     "make_schedule",
     "measure",
     "models",
+    "reset_state",
     "revert",
     "set_sparsity_weight",
     "sparsity_loss",

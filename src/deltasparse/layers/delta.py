@@ -1,9 +1,41 @@
-"""The Delta Activation Layer (Yousefzadeh & Sifalakis, arXiv 2107.07305), DESIGN.md §1.
+"""The Delta Activation Layer (Yousefzadeh & Sifalakis, arXiv 2107.07305), DESIGN.md §1, with
+gates at the granularity the delta engine skips (DESIGN.md §4).
 
 Quantises activations with a learnable step ``thr = |theta|`` and penalises their
 frame-to-frame changes, so that a trained network changes few activations between frames.
 Rounding is straight-through for the input; the step gets the paper's gradient
 ``dq/dthr = -round(a / thr)``.
+
+Exact semantics of the options (``a`` is the activated input of one frame, ``(N, C, ...)``;
+a *pixel* is one row of the channels-last map: all ``C`` channels at one position, or the
+whole feature vector of a ``(N, F)`` input):
+
+``mode="grid"`` (the paper, default): ``q_t = round(a_t / thr) * thr``, stateless.
+
+``mode="hysteresis"`` (sigma-delta neurons, as in lava-dl and DeltaCNN's inference): a
+reference ``ref`` (the last value sent) starts at zero before the first frame of a clip or
+stream; at each frame ``send = |a_t - ref| > thr`` (float32, elementwise), for
+``gate="pixel"`` widened to the whole pixel (``send.any(channels)``, i.e. the max over channels
+of ``|a_t - ref| / thr`` exceeds 1, DeltaCNN's rule); then ``ref = where(send, a_t, ref)`` and the
+output is ``q_t = ref``. The output depends on history; its error is bounded by the step:
+``|q_t - a_t| <= thr`` for every scalar, at every frame (the first included).
+
+``gate="scalar"`` (default) counts and penalises single changed scalars (the paper).
+``gate="pixel"`` counts and penalises whole pixels, as the engine executes them: a pixel with
+any nonzero delta counts as ``C`` changed scalars; the loss is the group norm
+``w * fan_out * sum_p sqrt(C) * ||d_p||_2 / numel(d)`` over pixels ``p`` (equal to the scalar
+loss when all channels of a pixel change alike; smaller when changes are concentrated in
+few pixels). In grid mode the forward of both gates is the same quantiser.
+
+Gradients (every mode and gate, one rule): ``dq/da = 1`` (straight-through) and
+``dq/dthr = -q / thr`` (in grid mode exactly the paper's ``-round(a / thr)``): with the sparsity
+loss alone, gradient descent raises the step.
+
+Clips ``(B, T, C, ...)`` are processed with their time axis (hysteresis unrolled over ``T``).
+Frames outside a clip (the per-frame model, called frame by frame): grid layers are plain
+quantisers; hysteresis layers keep their reference between calls, one call per time step, so
+that the per-frame model is the dense streaming model the delta engine reproduces;
+:func:`reset_state` (or ``layer.reset_state()``) starts a new stream.
 """
 
 from __future__ import annotations
@@ -16,15 +48,50 @@ from torch import nn
 
 from ._base import LayerStats, SparsityLayer, count_nonzero
 
-__all__ = ["DeltaActivation", "quantize"]
+__all__ = ["DeltaActivation", "hysteresis_step", "quantize", "reset_state"]
 
 GRANULARITIES = ("layer", "channel", "neuron")
 ACTIVATIONS = (None, "relu", "relu6")
+GATES = ("scalar", "pixel")
+MODES = ("grid", "hysteresis")
 
 
 def quantize(a: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """``round(a / thr) * thr`` in float32 (round half to even), cast back to ``a.dtype``."""
     return (torch.round(a.float() / thr.float()) * thr.float()).to(a.dtype)
+
+
+def hysteresis_step(
+    a: torch.Tensor, ref: torch.Tensor, thr: torch.Tensor, pixel: bool
+) -> torch.Tensor:
+    """One frame of the hysteresis gate on ``(N, C, ...)``: the new reference (= output).
+
+    ``send = |a - ref| > thr`` in float32; with ``pixel`` a whole pixel (all of dim 1) is sent
+    when any of its channels is; sent entries take ``a``, the others keep ``ref``.
+    """
+    send = (a.float() - ref.float()).abs() > thr.float()
+    if pixel:
+        send = send.any(dim=1, keepdim=True)
+    return torch.where(send, a, ref.to(a.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``y`` exactly; backward ``dy/da = 1`` and ``dy/dthr = -levels`` (``y / thr``)."""
+
+    @staticmethod
+    def forward(ctx, a, thr, thr_shape, y, levels):
+        ctx.save_for_backward(levels)
+        ctx.thr_shape = thr_shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (levels,) = ctx.saved_tensors
+        grad_thr = None
+        if ctx.needs_input_grad[1]:
+            g = -(grad_y.float() * levels)
+            grad_thr = g.sum_to_size(ctx.thr_shape) if ctx.thr_shape != g.shape else g
+        return grad_y, grad_thr, None, None, None
 
 
 class _Quantize(torch.autograd.Function):
@@ -49,55 +116,75 @@ class _Quantize(torch.autograd.Function):
         return grad_a, grad_thr, None
 
 
-class _QuantizeDelta(torch.autograd.Function):
-    """``_Quantize`` on a clip ``(B, T, ...)`` fused with the temporal deltas and their sums.
+class _GateDelta(torch.autograd.Function):
+    """The gate on a clip ``(B, T, ...)`` fused with the temporal deltas and their loss sums.
 
-    Returns ``q``, ``d = q[:, 1:] - q[:, :-1]``, ``sum|d|`` (float32) and the exact count of
-    nonzero ``d`` (not differentiable). The maths is that of ``_Quantize`` followed by the
-    subtraction and ``abs().sum()``; fusing them shares ``sgn(d)`` between the count, the sum
-    and the backward, and spares autograd the backward of two time slices (two zero-filled
-    clip-sized tensors per layer): most of the layer's training cost on CPU.
+    Returns ``q``, ``d = q[:, 1:] - q[:, :-1]``, the loss sum (float32: ``sum|d|`` for the scalar
+    gate, ``sum_p sqrt(C) ||d_p||_2`` for the pixel gate) and the exact count of changed scalars
+    (not differentiable; whole pixels for the pixel gate). Fusing them shares ``dloss/dd``
+    between the sum and the backward, and spares autograd the backward of two time slices (two
+    zero-filled clip-sized tensors per layer): most of the layer's training cost on CPU.
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, thr: torch.Tensor, thr_shape: torch.Size):
+    def forward(ctx, a: torch.Tensor, thr: torch.Tensor, thr_shape: torch.Size, mode: str,
+                pixel: bool):  # fmt: skip
         ctx.set_materialize_grads(False)
-        levels = torch.div(a.float(), thr.float()).round_()
-        q = (levels * thr.float()).to(a.dtype)
-        d = q[:, 1:] - q[:, :-1]
-        s = torch.sgn(d)
-        if d.dtype == torch.float32:  # sgn(d) * d == |d| exactly; one pass, no temporary
-            abs_sum = torch.dot(s.reshape(-1), d.reshape(-1))
+        tf = thr.float()
+        if mode == "grid":
+            levels = torch.div(a.float(), tf).round_()
+            q = (levels * tf).to(a.dtype)
         else:
-            abs_sum = d.abs().sum(dtype=torch.float32)
-        finite = None if d.device.type != "cpu" else math.isfinite(abs_sum.item())
-        nonzero = count_nonzero(d, sgn=s, finite=finite)
+            q = torch.empty_like(a)
+            ref = torch.zeros_like(a[:, 0])
+            for t in range(a.shape[1]):
+                ref = hysteresis_step(a[:, t], ref, tf, pixel)
+                q[:, t] = ref
+            levels = q.float() / tf
+        d = q[:, 1:] - q[:, :-1]
+        cpu = d.device.type == "cpu"
+        if not pixel:
+            s = torch.sgn(d)
+            if d.dtype == torch.float32:  # sgn(d) * d == |d| exactly; one pass, no temporary
+                loss_sum = torch.dot(s.reshape(-1), d.reshape(-1))
+            else:
+                loss_sum = d.abs().sum(dtype=torch.float32)
+            finite = math.isfinite(loss_sum.item()) if cpu else None
+            nonzero = count_nonzero(d, sgn=s, finite=finite)
+        else:
+            c = d.shape[2]
+            norm = torch.linalg.vector_norm(d.float(), dim=2, keepdim=True)
+            loss_sum = math.sqrt(c) * norm.sum()
+            finite = math.isfinite(loss_sum.item()) if cpu else None
+            nonzero = count_nonzero(norm, finite=finite) * c
+            # dloss/dd = sqrt(C) d_p / ||d_p|| (0 where the pixel did not change)
+            s = (d.float() * (math.sqrt(c) / norm.clamp_min(1e-30))).to(d.dtype)
         ctx.save_for_backward(levels, s)
         ctx.thr_shape = thr_shape
         ctx.mark_non_differentiable(nonzero)
-        return q, d, abs_sum, nonzero
+        return q, d, loss_sum, nonzero
 
     @staticmethod
-    def backward(ctx, grad_q, grad_d, grad_abs_sum, _grad_nonzero):
+    def backward(ctx, grad_q, grad_d, grad_loss_sum, _grad_nonzero):
         levels, s = ctx.saved_tensors
-        # dL/dq_t = grad_q_t + e_t - e_{t+1}, with e = dL/dd = grad_d + grad_abs_sum * sgn(d)
+        # dL/dq_t = grad_q_t + e_t - e_{t+1}, with e = dL/dd = grad_d + grad_loss_sum * s
         g = grad_q
-        if grad_d is not None or grad_abs_sum is not None:
+        if grad_d is not None or grad_loss_sum is not None:
             if grad_q is None:
                 grad_q = torch.zeros(levels.shape, dtype=s.dtype, device=s.device)
             g = torch.empty(levels.shape, dtype=grad_q.dtype, device=grad_q.device)
             g[:, :1] = grad_q[:, :1]
             if grad_d is None:  # the training case, without a temporary for e
-                torch.addcmul(grad_q[:, 1:], s, grad_abs_sum, out=g[:, 1:])
-                g[:, :-1].addcmul_(s, grad_abs_sum, value=-1)
+                torch.addcmul(grad_q[:, 1:], s, grad_loss_sum, out=g[:, 1:])
+                g[:, :-1].addcmul_(s, grad_loss_sum, value=-1)
             else:
-                e = grad_d if grad_abs_sum is None else torch.addcmul(grad_d, s, grad_abs_sum)
+                e = grad_d if grad_loss_sum is None else torch.addcmul(grad_d, s, grad_loss_sum)
                 torch.add(grad_q[:, 1:], e, out=g[:, 1:])
                 g[:, :-1].sub_(e)
         grad_thr = None
         if g is not None and ctx.needs_input_grad[1]:
             grad_thr = torch.mul(g.float(), levels).sum_to_size(ctx.thr_shape).neg_()
-        return g, grad_thr, None
+        return g, grad_thr, None, None, None
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -125,6 +212,10 @@ class DeltaActivation(SparsityLayer):
             (``channel``: ``C``; ``neuron``: pass ``neuron_shape=(C, *spatial)`` instead).
         input_layout: ``"clip"`` (``(B,T,C,...)``, the default) or ``"frame"`` (``(N,C,...)``,
             as placed by ``convert()``; told the clip length by ``VideoModel``).
+        gate: ``"scalar"`` (the paper) or ``"pixel"`` (whole channels-last rows, as the delta
+            engine skips them); see the module docstring.
+        mode: ``"grid"`` (stateless quantiser, the paper) or ``"hysteresis"`` (send a change only
+            where it exceeds the step against the last value sent).
     """
 
     def __init__(
@@ -141,8 +232,23 @@ class DeltaActivation(SparsityLayer):
         num_channels: int | None = None,
         neuron_shape: tuple[int, ...] | None = None,
         input_layout: str = "clip",
+        gate: str = "scalar",
+        mode: str = "grid",
     ) -> None:
         super().__init__(sparsity_weight, fan_out, input_layout)
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "hysteresis" and (sigma or delta_output):
+            raise ValueError(
+                "DeltaActivation: mode='hysteresis' sends changes against its own reference; "
+                "it does not combine with sigma=True or delta_output=True (use mode='grid')"
+            )
+        self.gate = gate
+        self.mode = mode
+        # The reference of a hysteresis layer called frame by frame (a stream); not saved.
+        self.register_buffer("_ref", None, persistent=False)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if activation not in ACTIVATIONS:
@@ -216,9 +322,46 @@ class DeltaActivation(SparsityLayer):
         return thr
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense quantiser on frames ``(N, C, ...)`` (no gradients, no counts)."""
+        """Dense grid quantiser on frames ``(N, C, ...)`` (no gradients, no counts)."""
+        if self.mode != "grid":
+            raise ValueError(
+                "DeltaActivation.quantize() is the stateless grid quantiser; a hysteresis layer "
+                "depends on its stream: call the layer frame by frame (or on clips) instead"
+            )
         self._ensure_theta(tuple(x.shape[1:]), x.device)
         return quantize(_activate(x, self.activation), self.frame_threshold(x.dim()))
+
+    @property
+    def pixel(self) -> bool:
+        return self.gate == "pixel"
+
+    def reset_state(self) -> None:
+        """Forget the stream reference of a hysteresis layer (the next frame starts a stream)."""
+        self._ref = None
+
+    def changed_mask(self, d: torch.Tensor) -> torch.Tensor:
+        """Boolean map of the scalars that count as changed in deltas ``d`` (channels dim 1 of
+        frames ``(N, C, ...)``): nonzero scalars, or whole pixels with any nonzero channel."""
+        nz = d != 0
+        if self.pixel:
+            nz = nz.any(dim=1, keepdim=True).expand_as(nz)
+        return nz
+
+    def _stream_frame(self, s: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        ref = self._ref
+        if ref is None:
+            ref = torch.zeros_like(s)
+        elif ref.shape != s.shape or ref.device != s.device:
+            raise ValueError(
+                f"DeltaActivation (hysteresis): frame of shape {tuple(s.shape)} on {s.device} "
+                f"does not continue the stream of shape {tuple(ref.shape)} on {ref.device}; "
+                "call deltasparse.reset_state(model) before a new stream"
+            )
+        y = hysteresis_step(s, ref, thr, self.pixel)
+        self._ref = y.detach()
+        if torch.is_grad_enabled() and (s.requires_grad or thr.requires_grad):
+            y = _StraightThrough.apply(s, thr, thr.shape, y, (y.float() / thr).detach())
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "theta"
@@ -233,7 +376,10 @@ class DeltaActivation(SparsityLayer):
             self._ensure_theta(tuple(x.shape[1:]), x.device)
             s = _activate(x, self.activation)
             thr = self.frame_threshold(x.dim())
-            q = _Quantize.apply(s, thr, thr.shape)
+            if self.mode == "hysteresis":
+                q = self._stream_frame(s, thr)
+            else:
+                q = _Quantize.apply(s, thr, thr.shape)
             zero = torch.zeros((), dtype=torch.long, device=x.device)
             self.stats = LayerStats(zero, 0, self.fan_out)
             self.loss = None
@@ -243,15 +389,23 @@ class DeltaActivation(SparsityLayer):
         s = torch.cumsum(clip, dim=1) if self.sigma else clip
         a = _activate(s, self.activation)
         thr = self._clip_threshold(clip.dim())
-        q, d, abs_sum, nonzero = _QuantizeDelta.apply(a, thr, thr.shape)
-        self.loss = self.sparsity_weight * self.fan_out * abs_sum / d.numel()
+        q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode, self.pixel)
+        self.loss = self.sparsity_weight * self.fan_out * loss_sum / d.numel()
         self.stats = LayerStats(nonzero, d.numel(), self.fan_out)
         out = torch.cat([q[:, :1], d], dim=1) if self.delta_output else q
         return out.reshape(in_shape)
 
     def extra_repr(self) -> str:
         return (
-            f"granularity={self.granularity!r}, threshold_init={self.threshold_init:g}, "
+            f"granularity={self.granularity!r}, gate={self.gate!r}, mode={self.mode!r}, "
+            f"threshold_init={self.threshold_init:g}, "
             f"activation={self.activation!r}, sigma={self.sigma}, "
             f"delta_output={self.delta_output}, " + super().extra_repr()
         )
+
+
+def reset_state(model: nn.Module) -> None:
+    """Reset the stream state of every hysteresis layer in ``model`` (a new stream starts)."""
+    for m in model.modules():
+        if isinstance(m, DeltaActivation):
+            m.reset_state()

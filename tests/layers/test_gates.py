@@ -1,0 +1,217 @@
+"""Gates and modes of DeltaActivation (``gate="scalar"|"pixel"``, ``mode="grid"|"hysteresis"``):
+hand-computed tiny cases (forward, counts, loss, both gradients), an independent float64
+reference over random clips, the hysteresis error bound, and frame-by-frame streaming."""
+
+import math
+
+import pytest
+import torch
+
+import deltasparse as ds
+
+# x: (B=1, T=3, C=2); theta = [0.5, -1.0] so thr = [0.5, 1.0] (as in test_delta.py)
+X = [[[0.25, 1.5], [1.25, 1.6], [1.4, -0.5]]]
+G = [[[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]]]
+W, FAN_OUT = 0.1, 3.0
+K = W * FAN_OUT / 4  # loss = K * loss_sum (numel(d) = 4)
+
+
+def _layer(**kw):
+    layer = ds.DeltaActivation(
+        granularity="channel", threshold_init=0.5, sparsity_weight=W, fan_out=FAN_OUT,
+        num_channels=2, **kw,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.theta.copy_(torch.tensor([0.5, -1.0]))
+    return layer
+
+
+# -- scalar gate, hysteresis ------------------------------------------------------------------
+# ch0: a = [0.25, 1.25, 1.4], thr 0.5: |0.25-0| no -> 0; |1.25-0| yes -> 1.25; |0.15| no
+# ch1: a = [1.5, 1.6, -0.5], thr 1.0: |1.5| yes -> 1.5; |0.1| no; |-2.0| yes -> -0.5
+Q_SH = [[[0.0, 1.5], [1.25, 1.5], [1.25, -0.5]]]
+
+
+def test_scalar_hysteresis_forward_counts_loss():
+    layer = _layer(mode="hysteresis")
+    q = layer(torch.tensor(X))
+    assert torch.equal(q, torch.tensor(Q_SH))
+    assert layer.stats.nonzero == 2 and layer.stats.total == 4  # d: ch0 [1.25, 0], ch1 [0, -2]
+    assert layer.loss.item() == pytest.approx(K * 3.25)
+
+
+def test_scalar_hysteresis_gradients():
+    layer = _layer(mode="hysteresis")
+    x = torch.tensor(X, requires_grad=True)
+    g = torch.tensor(G)
+    (layer(x) * g).sum().backward()
+    assert torch.equal(x.grad, g)  # straight-through
+    # dq/dthr = -q/thr: levels ch0 [0, 2.5, 2.5], ch1 [1.5, 1.5, -0.5]
+    # ch0: -(0 + 7.5 + 1.25) = -8.75; ch1: -(3 - 1.5 - 2) = 0.5, times sign(theta) = -1
+    assert torch.allclose(layer.theta.grad, torch.tensor([-8.75, -0.5]))
+
+    layer = _layer(mode="hysteresis")
+    x = torch.tensor(X, requires_grad=True)
+    layer(x)
+    layer.loss.backward()
+    # dloss/dq_t = K (sgn d_t - sgn d_{t+1}); sgn d: ch0 [1, 0], ch1 [0, -1]
+    assert torch.allclose(x.grad, K * torch.tensor([[[-1.0, 0.0], [1.0, 1.0], [0.0, -1.0]]]))
+    # ch0: -K (1 * 2.5) ; ch1: -K (1 * 1.5 + -1 * -0.5) = -2K, times -1
+    assert torch.allclose(layer.theta.grad, torch.tensor([-2.5 * K, 2.0 * K]))
+
+
+# -- pixel gate, hysteresis -------------------------------------------------------------------
+# t0: ch1 |1.5| > 1 -> the whole pixel is sent: [0.25, 1.5]
+# t1: |1.25-0.25| = 1.0 > 0.5 on ch0 -> sent: [1.25, 1.6]
+# t2: |-0.5-1.6| = 2.1 > 1 on ch1 -> sent: [1.4, -0.5]
+Q_PH = [[[0.25, 1.5], [1.25, 1.6], [1.4, -0.5]]]
+
+
+def test_pixel_hysteresis_forward_counts_loss():
+    layer = _layer(mode="hysteresis", gate="pixel")
+    q = layer(torch.tensor(X))
+    assert torch.allclose(q, torch.tensor(Q_PH))
+    assert torch.equal(q, torch.tensor(X))  # every pixel was sent: the output is the input
+    assert layer.stats.nonzero == 4 and layer.stats.total == 4  # 2 pixels x 2 channels
+    n1, n2 = math.hypot(1.0, 0.1), math.hypot(0.15, 2.1)
+    assert layer.loss.item() == pytest.approx(K * math.sqrt(2) * (n1 + n2), rel=1e-6)
+
+
+def test_pixel_hysteresis_gradients():
+    layer = _layer(mode="hysteresis", gate="pixel")
+    x = torch.tensor(X, requires_grad=True)
+    (layer(x) * torch.tensor(G)).sum().backward()
+    assert torch.equal(x.grad, torch.tensor(G))
+    # levels ch0 = [0.5, 2.5, 2.8], ch1 = [1.5, 1.6, -0.5]
+    assert torch.allclose(layer.theta.grad, torch.tensor([-9.4, -0.6]), atol=1e-5)
+
+    layer = _layer(mode="hysteresis", gate="pixel")
+    x = torch.tensor(X, requires_grad=True)
+    layer(x)
+    layer.loss.backward()
+    d1, d2 = torch.tensor([1.0, 0.1]), torch.tensor([0.15, -2.1])
+    s1, s2 = math.sqrt(2) * d1 / d1.norm(), math.sqrt(2) * d2 / d2.norm()
+    want = K * torch.stack([-s1, s1 - s2, s2])[None]
+    assert torch.allclose(x.grad, want, atol=1e-6)
+    lv = torch.tensor([[0.5, 1.5], [2.5, 1.6], [2.8, -0.5]])
+    grad_thr = -(want[0] * lv).sum(0)
+    assert torch.allclose(layer.theta.grad, grad_thr * torch.tensor([1.0, -1.0]), atol=1e-6)
+
+
+# -- pixel gate, grid -------------------------------------------------------------------------
+def test_pixel_grid_forward_is_the_quantiser_counts_are_pixels():
+    scalar, pixel = _layer(), _layer(gate="pixel")
+    x = torch.tensor(X)
+    assert torch.equal(scalar(x), pixel(x))
+    # d: ch0 [1.0, 0.5], ch1 [0, -2]: both frames have a changed pixel -> 2 pixels x 2 channels
+    assert scalar.stats.nonzero == 3 and pixel.stats.nonzero == 4
+    want = K * math.sqrt(2) * (1.0 + math.hypot(0.5, 2.0))
+    assert pixel.loss.item() == pytest.approx(want, rel=1e-6)
+
+
+# -- an independent float64 reference over random clips ---------------------------------------
+def _reference(x, thr, mode, gate):
+    """Loops over time and pixels in float64: (q, nonzero, loss_sum)."""
+    x = x.double()
+    b, t, c = x.shape[:3]
+    thr = thr.double().reshape(c, *([1] * (x.dim() - 3)))
+    if mode == "grid":
+        q = torch.round(x / thr) * thr
+    else:
+        q = torch.empty_like(x)
+        ref = torch.zeros_like(x[:, 0])
+        for i in range(t):
+            send = (x[:, i] - ref).abs() > thr
+            if gate == "pixel":
+                send = send.any(1, keepdim=True).expand_as(send)
+            ref = torch.where(send, x[:, i], ref)
+            q[:, i] = ref
+    d = q[:, 1:] - q[:, :-1]
+    if gate == "scalar":
+        return q, int((d != 0).sum()), float(d.abs().sum())
+    norms = d.norm(dim=2)
+    return q, int((norms > 0).sum()) * c, float(math.sqrt(c) * norms.sum())
+
+
+@pytest.mark.parametrize("gate", ["scalar", "pixel"])
+@pytest.mark.parametrize("mode", ["grid", "hysteresis"])
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 4, 6, 3, 5)])
+def test_random_clips_match_float64_reference(gate, mode, shape):
+    g = torch.Generator().manual_seed(hash((gate, mode, shape)) % 2**31)
+    c = shape[2]
+    # a slowly drifting signal with noise: some entries cross, most do not
+    x = torch.randn(shape, generator=g).cumsum(1) * 0.2 + 0.05 * torch.randn(shape, generator=g)
+    thr = 0.1 + torch.rand(c, generator=g) * 0.3
+    layer = ds.DeltaActivation(num_channels=c, gate=gate, mode=mode, fan_out=2.0,
+                               sparsity_weight=1.0)  # fmt: skip
+    with torch.no_grad():
+        layer.theta.copy_(thr)
+    q = layer(x)
+    q_ref, nonzero, loss_sum = _reference(x, thr, mode, gate)
+    numel = x[:, 1:].numel()
+    assert torch.allclose(q.double(), q_ref, atol=1e-6)
+    assert layer.stats.nonzero == nonzero
+    assert layer.loss.item() == pytest.approx(2.0 * loss_sum / numel, rel=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "pixel"])
+def test_hysteresis_error_is_bounded_by_the_step(gate):
+    """|q_t - a_t| <= thr for every scalar and every frame, the first included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(4, 30, 8, 5, 5, generator=g).cumsum(1) * 0.3)
+    layer = ds.DeltaActivation(granularity="neuron", neuron_shape=(8, 5, 5), gate=gate,
+                               mode="hysteresis")  # fmt: skip
+    with torch.no_grad():
+        layer.theta.copy_(0.05 + torch.rand(8, 5, 5, generator=g))
+    q = layer(x)
+    err, thr = (q - x).abs().detach(), layer.threshold.detach()
+    assert bool((err <= thr).all())
+    assert float(err.max()) > 0.5 * float(thr.min())  # the bound is not vacuous
+    assert layer.stats.nonzero < layer.stats.total  # and it does skip changes
+
+
+@pytest.mark.parametrize("gate", ["scalar", "pixel"])
+def test_hysteresis_frames_stream_like_the_clip(gate):
+    """The per-frame layer called frame by frame equals the clip forward; reset starts over."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 4, 2, 2, generator=g).cumsum(1) * 0.2
+    clip_layer = ds.DeltaActivation(num_channels=4, gate=gate, mode="hysteresis",
+                                    threshold_init=0.15)  # fmt: skip
+    frame_layer = ds.DeltaActivation(num_channels=4, gate=gate, mode="hysteresis",
+                                     threshold_init=0.15, input_layout="frame")  # fmt: skip
+    want = clip_layer(x)
+    got = torch.stack([frame_layer(x[:, t]) for t in range(x.shape[1])], 1)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="reset_state"):
+        frame_layer(x[:2, 0])  # another batch of streams without a reset
+    ds.reset_state(frame_layer)
+    assert torch.equal(frame_layer(x[:, 0]), want[:, 0])
+
+
+def test_hysteresis_sparsity_loss_raises_the_step():
+    x = torch.randn(2, 6, 4, 3, 3).cumsum(1)
+    layer = ds.DeltaActivation(num_channels=4, mode="hysteresis", gate="pixel")
+    layer(x)
+    layer.loss.backward()
+    assert bool((layer.theta.grad < 0).all())
+
+
+def test_hysteresis_relu_activation_and_bf16():
+    x = torch.randn(2, 4, 3, 5)
+    layer = ds.DeltaActivation(num_channels=3, mode="hysteresis", activation="relu")
+    q = layer(x)
+    assert bool((q >= 0).all())
+    q16 = layer(x.bfloat16())
+    assert q16.dtype == torch.bfloat16 and bool(((q16.float() - torch.relu(x)).abs()
+                                                 <= layer.threshold[:, None] + 1e-2).all())
+
+
+def test_bad_gate_and_mode_options():
+    with pytest.raises(ValueError, match="gate"):
+        ds.DeltaActivation(gate="tile")
+    with pytest.raises(ValueError, match="mode"):
+        ds.DeltaActivation(mode="sigma")
+    with pytest.raises(ValueError, match="hysteresis"):
+        ds.DeltaActivation(mode="hysteresis", sigma=True)
+    with pytest.raises(ValueError, match="grid quantiser"):
+        ds.DeltaActivation(num_channels=2, mode="hysteresis").quantize(torch.zeros(1, 2))
