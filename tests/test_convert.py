@@ -289,3 +289,37 @@ def test_example_input_materialises_thresholds_without_touching_bn_stats():
     for k, v in model.state_dict().items():
         assert torch.equal(v, stats[k]), k
     assert gm.training and gm.bn0.training and not gm.bn1.training
+
+
+def test_a_model_without_selected_activations_is_refused_with_the_fix():
+    gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 3), nn.GELU(),
+                         nn.Conv2d(4, 2, 1), nn.SiLU())  # fmt: skip
+    with pytest.raises(ValueError, match=(
+        r"no activation of Sequential is in DeltaConfig.after \('ReLU', 'ReLU6', 'Hardtanh'\).*"
+        r"GELU \(e.g. '1', 2 in all\), SiLU \(e.g. '5', 1 in all\).*"
+        r"DeltaConfig\(after=\('ReLU', 'ReLU6', 'Hardtanh', 'GELU', 'SiLU'\)\)"
+    )):  # fmt: skip
+        ds.convert(gelu)
+    # including the types the message names works (here only GELU: a layer after each)
+    gm = ds.convert(gelu, ds.DeltaConfig(after=("GELU",)))
+    assert set(_fan_outs(gm)) == {"1_delta", "3_delta"}
+
+    class NoActivations(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.gelu(self.conv(x))
+
+    with pytest.raises(ValueError, match="NoActivations has no activation modules.*nn.ReLU"):
+        ds.convert(NoActivations())
+    with pytest.raises(ValueError, match=r"skipped every activation site \(4 of 4\)"):
+        ds.convert(Mixed(), filter_fn=lambda name, module: False)
+    skip_all = {k: {"skip": True} for k in ("relu", "act1", "act2", "act3")}
+    with pytest.raises(ValueError, match="skipped every activation site"):
+        ds.convert(Mixed(), ds.DeltaConfig(overrides=skip_all))
+    # a model with sites converts as before; a layer on the input alone is enough
+    assert len(_fan_outs(ds.convert(Mixed()))) == 4
+    only_input = ds.convert(Mixed(), ds.DeltaConfig(on_input=True, overrides=skip_all))
+    assert set(_fan_outs(only_input)) == {"input_delta"}

@@ -151,6 +151,45 @@ def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig) -> str | No
     return None
 
 
+def _activations_found(gm: fx.GraphModule, modules: dict) -> dict[str, list[str]]:
+    """Activation module types the graph calls (``torch.nn`` activations) -> their names."""
+    found: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = modules[node.target]
+        if type(m).__module__ == nn.modules.activation.__name__:
+            found.setdefault(type(m).__name__, []).append(str(node.target))
+    return found
+
+
+def _no_sites_error(gm: fx.GraphModule, modules: dict, config: DeltaConfig,
+                    candidates: int) -> ValueError:  # fmt: skip
+    """A model where convert() would insert nothing trains nothing for sparsity: refuse it."""
+    if candidates:
+        return ValueError(
+            f"convert(): filter_fn / overrides skipped every activation site ({candidates} of "
+            f"{candidates}), so no sparsity layer would be inserted; keep at least one site"
+        )
+    found = _activations_found(gm, modules)
+    if found:
+        have = ", ".join(f"{k} (e.g. '{v[0]}', {len(v)} in all)" for k, v in sorted(found.items()))
+        include = tuple(config.after) + tuple(k for k in sorted(found) if k not in config.after)
+        return ValueError(
+            f"convert(): no activation of {type(gm).__name__} is in DeltaConfig.after "
+            f"{config.after}, so no sparsity layer would be inserted; the model has {have}. "
+            f"Include them with DeltaConfig(after={include!r}) (or on_input=True for a layer "
+            "on the input pixels)"
+        )
+    return ValueError(
+        f"convert(): {type(gm).__name__} has no activation modules of the types in "
+        f"DeltaConfig.after {config.after} (nor any other torch.nn activation module), so no "
+        "sparsity layer would be inserted; make the activations modules (nn.ReLU(), ...) and "
+        "list them in DeltaConfig(after=...), or use on_input=True for a layer on the input "
+        "pixels"
+    )
+
+
 def _unique_target(gm: fx.GraphModule, base: str) -> str:
     target, i = base, 1
     existing = dict(gm.named_modules())
@@ -205,6 +244,8 @@ def convert(
     for name in set(config.overrides) - known:
         # A misspelt site would silently keep the defaults; say so.
         log.warning("convert(): overrides[%r] matches no activation site of this model", name)
+    if not any(config.layer_options(site) is not None for site, _ in sites):
+        raise _no_sites_error(gm, modules, config, candidates=len(known - {"input"}))
 
     inserted: list[tuple[str, str, fx.Node, dict]] = []
     for site, node in sites:

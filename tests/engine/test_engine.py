@@ -10,6 +10,7 @@ from torch import nn
 import deltasparse as ds
 from deltasparse.data.streams import synthetic_stream
 from deltasparse.engine import DeltaEngine, UnsupportedOpError
+from deltasparse.engine.stats import FallbackWarning
 
 SHAPE = (2, 3, 28, 44)  # odd sizes on the way down exercise padding and ceil_mode
 
@@ -176,12 +177,15 @@ def test_unsupported_op_error_and_dense_fallback():
     net = Net().eval()
     with pytest.raises(UnsupportedOpError, match=r"module 'act' \(GELU\)"):
         DeltaEngine(net)
-    eng = DeltaEngine(net, fallback="dense")
+    with pytest.warns(FallbackWarning) as warned:
+        eng = DeltaEngine(net, fallback="dense")
+    messages = [str(w.message) for w in warned]  # one warning per op run densely
+    assert len(messages) == 2 and "(GELU)" in messages[0] and "'sigmoid'" in messages[1]
     frames = list(synthetic_stream(5, (1, 3, 12, 12), seed=9))
     for f in frames:
         torch.testing.assert_close(eng.step(f), net(f), rtol=0, atol=1e-5)
     kinds = [layer["kind"] for layer in eng.stats.layers]
-    assert kinds.count("fallback") == 2
+    assert kinds.count("fallback") == 2 and len(eng.stats.fallbacks) == 2
 
     class Bad(nn.Module):
         def forward(self, x):

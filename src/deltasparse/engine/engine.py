@@ -9,14 +9,15 @@ proportionally less work, and its output equals the dense quantised model on eve
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
 
 from .kernels import Backend, GeometryCache, get_backend
-from .plan import build_plan, trace_model
+from .plan import UnsupportedOpError, build_plan, trace_model
 from .runtime import Runtime, build_runtime
-from .stats import EngineStats
+from .stats import EngineStats, FallbackWarning
 
 __all__ = ["DeltaEngine"]
 
@@ -38,6 +39,9 @@ class DeltaEngine:
             the fraction of rows to recompute above which the dense path is used.
 
     The model's parameters are read when the engine is built and again at every ``reset()``.
+    Every slower path it takes (a dense fallback op, the torch backend where ``auto`` wanted
+    the C++ or Triton one, no CUDA-graph step) is warned about once as a
+    :class:`~deltasparse.engine.stats.FallbackWarning` and listed in ``stats.fallbacks``.
     """
 
     def __init__(self, model: nn.Module, backend: str | Backend = "auto", *,
@@ -46,15 +50,17 @@ class DeltaEngine:
         if not isinstance(model, nn.Module):
             raise TypeError(f"DeltaEngine expects an nn.Module, got {type(model).__name__}")
         self.model = model
+        self._check_eval(model)
         self._gm = trace_model(model)
-        training = [n or "<root>" for n, m in self._gm.named_modules() if m.training]
-        if training:
-            raise ValueError(
-                f"DeltaEngine needs the model in eval mode (batch norm and dropout behave "
-                f"differently in training); {training[0]!r} is training: call model.eval()"
-            )
         self._plan, self._alias = build_plan(self._gm, fallback=fallback)
         self._check_layers()
+        self._fallbacks: list[str] = []
+        for op in self._plan:
+            if op.kind == "fallback":
+                self._fallback(
+                    f"{op.params.get('describe', op.label)} has no delta kernel: it is "
+                    "recomputed densely whenever its input changes (fallback='dense')"
+                )
         p = next(iter(self._gm.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.dtype = p.dtype if p is not None else torch.float32
@@ -63,7 +69,7 @@ class DeltaEngine:
                 f"DeltaEngine runs float32 (or float64) models, got {self.dtype}; call "
                 "model.float()"
             )
-        self.backend = get_backend(backend, self.device)
+        self.backend = self._resolve_backend(backend)
         self.crossover = {**self.backend.crossover, **(crossover or {})}
         self._geoms = GeometryCache()
         self._runtime: Runtime | None = None
@@ -72,6 +78,52 @@ class DeltaEngine:
         # A backend with device kernels (triton) can run whole steps as one CUDA graph.
         self._cuda_graph = cuda_graph
         self._graph = None
+
+    @staticmethod
+    def _check_eval(model: nn.Module) -> None:
+        """The user's own modules, not the trace's: fx makes fresh containers for it."""
+        from ..layers import VideoModel
+
+        frame_model = model.frame_model if isinstance(model, VideoModel) else model
+        training = [n or "<root>" for n, m in frame_model.named_modules() if m.training]
+        if training:
+            more = f" (and {len(training) - 1} more modules)" if len(training) > 1 else ""
+            raise ValueError(
+                f"DeltaEngine needs the model in eval mode (batch norm and dropout behave "
+                f"differently in training); {training[0]!r}{more} is training: call "
+                "model.eval()"
+            )
+
+    def _fallback(self, reason: str, depth: int = 1) -> None:
+        """Record a slower path (once) and warn about it, pointing at the user's line
+        (``depth``: engine frames between the user's call and this one)."""
+        if reason in self._fallbacks:
+            return
+        self._fallbacks.append(reason)
+        warnings.warn(f"DeltaEngine: {reason}", FallbackWarning, stacklevel=2 + depth)
+
+    def _resolve_backend(self, backend: str | Backend) -> Backend:
+        from .kernels import cpp, has_triton
+
+        try:
+            resolved = get_backend(backend, self.device)
+        except RuntimeError as exc:
+            why = cpp.build_error() if backend == "cpp" else None
+            if why is None:
+                raise
+            raise RuntimeError(f"{exc}; the build failed with: {why}") from exc
+        if backend == "auto" and resolved.name == "torch":
+            if self.device.type == "cuda" and not has_triton():
+                self._fallback(
+                    "backend 'auto' runs 'torch' on CUDA because triton is not installed "
+                    "(launch-bound kernels, slower); pip install triton", depth=2,
+                )
+            elif self.device.type == "cpu" and cpp.build_error() is not None:
+                self._fallback(
+                    "backend 'auto' runs 'torch' because the C++ engine op could not be built "
+                    f"({cpp.build_error()}); the fused epilogue is lost (slower)", depth=2,
+                )
+        return resolved
 
     def _check_layers(self) -> None:
         from ..layers import DeltaActivation
@@ -126,12 +178,8 @@ class DeltaEngine:
         self._check_frame(frame)
         first = self._runtime is None
         if first:
+            self._runtime = self._build(tuple(frame.shape))
             self._shape = tuple(frame.shape)
-            self._runtime = build_runtime(
-                self._gm, self._plan, self._alias, self._shape, backend=self.backend,
-                crossover=self.crossover, device=self.device, dtype=self.dtype,
-                geoms=self._geoms,
-            )  # fmt: skip
         rt = self._runtime
         if not first and self._graph is not None:
             self._frames += 1
@@ -141,9 +189,48 @@ class DeltaEngine:
             op.run(first)
         self._frames += 1
         if first and self._cuda_graph and getattr(self.backend, "graph_step", None):
-            # None when an op has no device kernel: the per-op path is kept (logged).
-            self._graph = self.backend.graph_step(rt)
+            self._graph = self._graph_step(rt)
         return rt.output.as_tensor()
+
+    def _build(self, shape: tuple[int, ...]) -> Runtime:
+        """The runtime for frames of ``shape``, refusing frames too small for the model (the
+        dense model raises there; empty maps would give NaN outputs here)."""
+        h, w = shape[2], shape[3]
+        try:
+            rt = build_runtime(
+                self._gm, self._plan, self._alias, shape, backend=self.backend,
+                crossover=self.crossover, device=self.device, dtype=self.dtype,
+                geoms=self._geoms,
+            )  # fmt: skip
+        except UnsupportedOpError:
+            raise
+        except RuntimeError as exc:  # a negative size on the way down, typically
+            raise ValueError(
+                f"DeltaEngine.step: frames of {h}x{w} cannot run through the model ({exc}); "
+                "use larger frames (e.g. the resolution the model was trained at)"
+            ) from exc
+        for op in rt.ops:
+            if any(s <= 0 for s in op.out.shape) or any(s <= 0 for v in op.inputs for s in v.shape):
+                ins = ", ".join(str(tuple(v.shape)) for v in op.inputs)
+                raise ValueError(
+                    f"DeltaEngine.step: frames of {h}x{w} are too small for this model: "
+                    f"{op.kind} '{op.name}' maps {ins} to {tuple(op.out.shape)}, an empty map; "
+                    "use larger frames (e.g. the resolution the model was trained at)"
+                )
+        return rt
+
+    def _graph_step(self, rt: Runtime):
+        """The backend's whole-step CUDA graph, or None (warned and recorded)."""
+        decline = getattr(self.backend, "graph_decline_reason", None)
+        why = decline(rt) if decline is not None else None
+        graph = None if why else self.backend.graph_step(rt)
+        if graph is None:
+            why = why or getattr(self.backend, "graph_declined", None) or "declined"
+            self._fallback(
+                f"no CUDA-graph step ({why}): every step runs the per-op driver, one host "
+                "synchronisation per op (slower)", depth=3,  # step, its no_grad wrapper, this
+            )
+        return graph
 
     __call__ = step
 
@@ -172,6 +259,7 @@ class DeltaEngine:
             table_bytes=self._geoms.nbytes(),
             dense_activation_bytes=0 if rt is None else rt.dense_bytes,
             backend=self.backend.name,
+            fallbacks=list(self._fallbacks),
         )
 
     def __repr__(self) -> str:

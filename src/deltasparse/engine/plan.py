@@ -88,7 +88,14 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
             f"DeltaEngine: torch.fx could not trace {type(model).__name__}: {exc}. Pass the "
             "GraphModule that ds.convert() returns, or make the model fx-traceable"
         ) from exc
-    return fx.GraphModule(model, graph, type(model).__name__)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    # fx makes fresh (training-mode) containers for the paths to the leaves it calls
+    # ('features' of 'features.0.conv'); give them the modes of the user's modules.
+    originals = dict(model.named_modules())
+    for name, m in gm.named_modules():
+        if name in originals:
+            m.training = originals[name].training
+    return gm
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -267,6 +274,7 @@ def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[Pla
         if role == "unsupported":
             if fallback == "dense" and n.op in ("call_module", "call_function", "call_method"):
                 role = "fallback"
+                params = {**params, "describe": _describe(n, modules)}
             else:
                 why = params.get("why")
                 raise UnsupportedOpError(

@@ -6,15 +6,30 @@
 * ``delta_macs``     -- the pixel-granular bound of DESIGN.md §1: each layer's dense MACs
   times the fraction of its input pixels that changed (what an input-scatter kernel needs).
 * ``ideal_speedup``  -- ``dense_macs / effective_macs``.
+* ``fallbacks``      -- every slower path the engine took, with the reason (an op run densely,
+  the torch backend instead of the C++ or Triton one, no CUDA-graph step); each is also
+  warned about once, as a :class:`FallbackWarning`.
+
+The ratios are ``inf`` / ``nan`` where undefined (no frame yet); ``to_dict()`` writes them as
+``None`` so that the JSON is strict (no ``Infinity`` / ``NaN``, which strict parsers refuse).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .ops import OpStats
 
-__all__ = ["EngineStats"]
+__all__ = ["EngineStats", "FallbackWarning"]
+
+
+class FallbackWarning(UserWarning):
+    """The delta engine took a slower path than it was asked for (listed in its stats)."""
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 @dataclass
@@ -29,6 +44,7 @@ class EngineStats:
     dense_activation_bytes: int
     backend: str
     layers: list[dict] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def ideal_speedup(self) -> float:
@@ -67,13 +83,14 @@ class EngineStats:
             "dense_macs": self.dense_macs,
             "effective_macs": self.effective_macs,
             "delta_macs": self.delta_macs,
-            "density": self.density,
-            "delta_density": self.delta_density,
-            "ideal_speedup": self.ideal_speedup,
+            "density": _finite(self.density),
+            "delta_density": _finite(self.delta_density),
+            "ideal_speedup": _finite(self.ideal_speedup),
             "time_s": self.time_s,
             "state_bytes": self.state_bytes,
             "table_bytes": self.table_bytes,
             "dense_activation_bytes": self.dense_activation_bytes,
             "memory_ratio": self.memory_ratio,
+            "fallbacks": list(self.fallbacks),
             "layers": self.layers,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from deltasparse.engine.kernels import (
@@ -54,8 +54,7 @@ def _geom(g, k=None) -> WindowGeom | None:
 @given(g=geoms, groups=st.sampled_from([1, 2, "dw"]), bias=st.booleans())
 def test_conv_kernels_match_reference(g, groups, bias):
     geom = _geom(g)
-    if geom is None:
-        return
+    assume(geom is not None)
     c_in = 6
     c_out, gr = (c_in, c_in) if groups == "dw" else (8, groups)
     torch.manual_seed(g["seed"])
@@ -75,13 +74,11 @@ def test_conv_kernels_match_reference(g, groups, bias):
 @given(g=geoms, mode=st.sampled_from(["max", "avg"]), ceil=st.booleans(), cip=st.booleans())
 def test_pool_kernels_match_reference(g, mode, ceil, cip):
     k = max(g["k"], 2)
-    if g["p"] > k // 2:
-        return
+    assume(g["p"] <= k // 2)
     d = g["d"] if mode == "max" else 1
     ho = out_size(g["h"], k, g["s"], g["p"], d, ceil)
     wo = out_size(g["w"], k, g["s"], g["p"], d, ceil)
-    if ho < 1 or wo < 1:
-        return
+    assume(ho >= 1 and wo >= 1)
     geom = WindowGeom(g["b"], (g["h"], g["w"]), (ho, wo), (k, k), (g["s"],) * 2, (g["p"],) * 2,
                       (d, d))  # fmt: skip
     spec = PoolSpec(geom, mode, ceil, cip, None)
@@ -105,8 +102,7 @@ def test_linear_kernel_matches_reference():
 @given(g=geoms)
 def test_reachable_is_every_window_touching_an_active_input(g):
     geom = _geom(g)
-    if geom is None:
-        return
+    assume(geom is not None)
     active = _rows(geom.p_in, g["frac"] / 3, g["seed"])
     got = geom.reachable(active)
     mask = torch.zeros(geom.p_in + 1, dtype=torch.bool)

@@ -5,22 +5,29 @@ In plain torch ops the epilogue of every layer is seven passes over the computed
 (clamp, div, round, mul, ne, any, index_copy); on a 2-core CPU they cost about as much as the
 GEMMs of MobileNet v1. This op does it in one pass, registered through ``torch.library``
 (``deltasparse::quant_commit``) with a fake kernel, and is built on first use with
-``torch.utils.cpp_extension.load_inline`` (cached per machine). The elementwise part is the
+``torch.utils.cpp_extension.load_inline`` (about 30 s, announced in the log) into a folder
+keyed by the torch install (:func:`build_dir`), so virtual environments with different torch
+builds never rebuild over each other's copy. The elementwise part is the
 same IEEE float32 operations as the torch path (no fast-math, no FMA contraction, round half
 to even via ``nearbyint``); the bias is added here, after the GEMM, instead of inside it, so
 the two paths agree to float rounding (and both match the dense model to float rounding).
 
-Set ``DELTASPARSE_NO_CPP=1`` to never build it (the engine then uses the torch path).
+Set ``DELTASPARSE_NO_CPP=1`` to never build it (the engine then uses the torch path), and
+``DELTASPARSE_CACHE`` to move the cache (default ``$XDG_CACHE_HOME/deltasparse`` or
+``~/.cache/deltasparse``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-__all__ = ["available", "load", "quant_commit"]
+__all__ = ["available", "build_dir", "build_error", "build_key", "load", "quant_commit"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +143,32 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 """
 
 _state: dict = {}
+# Bump when the C++ source or the flags change (part of the build key and the module name).
+_VERSION = 5
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "") -> str:
+    """A short hash naming the build of one torch install: its version, the folder it is
+    installed in (one per virtual environment) and the Python version."""
+    text = "\0".join([str(_VERSION), torch_version, str(Path(torch_path).resolve()), python,
+                      hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(_CFLAGS)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """``<cache>/cpp/<build_key>`` for the running torch install."""
+    root = os.environ.get("DELTASPARSE_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltasparse"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    key = build_key(torch.__version__, Path(torch.__file__).parent, py)
+    return Path(root) / "cpp" / key
+
+
+def build_error() -> str | None:
+    """Why the op could not be built (``None`` if it was, or was never tried / disabled)."""
+    return _state.get("error")
 
 
 def load(build: bool = True):
@@ -145,14 +178,20 @@ def load(build: bool = True):
     if os.environ.get("DELTASPARSE_NO_CPP") == "1" or not build:
         return None
     op = None
+    name = f"deltasparse_engine_cpp_v{_VERSION}"
     try:
         from torch.utils.cpp_extension import load_inline
 
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{name}.so").is_file():
+            log.warning("deltasparse: building the C++ engine op (once per torch install, "
+                        "~30 s) in %s", folder)  # fmt: skip
         load_inline(
-            name="deltasparse_engine_cpp_v5",
+            name=name,
             cpp_sources=[_SOURCE],
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
-                          "-fno-trapping-math"],
+            extra_cflags=list(_CFLAGS),
+            build_directory=str(folder),
             is_python_module=False,
             verbose=False,
         )
@@ -167,7 +206,9 @@ def load(build: bool = True):
             return x.new_empty(rows.shape[0], x.shape[1])
 
     except Exception as exc:  # no compiler, no headers, sandbox: fall back to torch ops
-        log.warning("deltasparse: C++ engine op unavailable (%s); using torch ops", exc)
+        # Not warned here: the engine that wanted the op warns and lists it in its stats.
+        _state["error"] = f"{type(exc).__name__}: {exc}".strip()
+        log.debug("deltasparse: C++ engine op unavailable: %s", exc)
         op = None
     _state["op"] = op
     return op

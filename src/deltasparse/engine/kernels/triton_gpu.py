@@ -209,6 +209,7 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
     defers_bias = False  # the kernels add the bias (before the chain, as the model does)
+    graph_declined: str | None = None  # why the last graph_step() returned None
 
     def __init__(self, device: torch.device | str = "cuda", *, precision: str = "ieee") -> None:
         device = torch.device(device)
@@ -267,14 +268,23 @@ class TritonBackend(TorchBackend):
         return y
 
     # -- whole-step capture -----------------------------------------------------------------
+    @staticmethod
+    def graph_decline_reason(runtime) -> str | None:
+        """Why :meth:`graph_step` would decline ``runtime`` (``None``: it would not)."""
+        from .triton_graph import decline_reason
+
+        return decline_reason(runtime)
+
     def graph_step(self, runtime, *, cuda_graph: bool = True):
-        """A :class:`~.triton_graph.GraphStep` for a built runtime, or ``None`` (logged)
-        when one of its ops has no device-side kernel (the engine then keeps its per-op
-        driver)."""
+        """A :class:`~.triton_graph.GraphStep` for a built runtime, or ``None`` when one of its
+        ops has no device-side kernel; the reason is kept in ``self.graph_declined``. The
+        engine warns about it and lists it in ``engine.stats.fallbacks``."""
         from .triton_graph import GraphStep
 
+        self.graph_declined = None
         try:
             return GraphStep(runtime, self, cuda_graph=cuda_graph)
         except NotImplementedError as exc:
-            log.info("DeltaEngine: no CUDA-graph step (%s); using the per-op driver", exc)
+            self.graph_declined = str(exc)
+            log.debug("DeltaEngine: no CUDA-graph step (%s)", exc)
             return None

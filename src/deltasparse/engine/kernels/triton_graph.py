@@ -24,7 +24,8 @@ ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 
 Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
 global average pooling, aliases (flatten of ``(B, C, 1, 1)``, dropout). Others raise
-``NotImplementedError`` at construction (the engine then keeps its per-op driver).
+``NotImplementedError`` at construction (the engine then keeps its per-op driver);
+:func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,40 @@ from .triton_gpu import (
     sm_count,
 )
 
-__all__ = ["GraphStep"]
+__all__ = ["GraphStep", "decline_reason"]
 
 _COMPACT_BLOCK = 1024
+
+
+def _chain_reason(chain) -> str | None:
+    for step in chain.steps:
+        if step[0] == "quant":
+            thr, per_row = step[1], step[2]
+            if not (per_row or thr.numel() == 1 or thr.dim() == 1):
+                return f"quantiser step of shape {tuple(thr.shape)}"
+        elif step[0] not in ("clamp", "affine"):
+            return f"chain step {step[0]!r}"
+    return None
+
+
+def decline_reason(runtime) -> str | None:
+    """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
+    the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
+    from ..ops import ConvOp, LinearOp, SampleOp
+
+    dtype = runtime.input_op.out.buf.dtype
+    if dtype not in (torch.float32, torch.float64):
+        return f"dtype {dtype}"
+    for op in runtime.ops:
+        if isinstance(op, ConvOp):
+            if not (op.spec.depthwise or op.spec.groups == 1):
+                return f"grouped conv '{op.name}' (groups={op.spec.groups})"
+        elif not isinstance(op, LinearOp) and not (isinstance(op, SampleOp) and op.mode == "mean"):
+            return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
+        why = _chain_reason(op.chain)
+        if why is not None:
+            return f"{why} in '{op.name}'"
+    return None
 
 
 def chain_args(chain, dtype, device) -> ChainArgs:
@@ -91,6 +123,9 @@ class GraphStep:
     def __init__(self, runtime, backend, *, cuda_graph: bool = True) -> None:
         from ..ops import ConvOp, LinearOp, SampleOp
 
+        why = decline_reason(runtime)
+        if why is not None:
+            raise NotImplementedError(why)
         self.rt = runtime
         self.backend = backend
         self.cuda_graph = cuda_graph
