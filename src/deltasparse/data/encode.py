@@ -24,6 +24,9 @@ _ENCODERS = {
     ".webm": ("libvpx-vp9", "libvpx"),
 }
 _PIX_FMT = {"mjpeg": "yuvj420p"}
+# Live-camera settings (no B-frames, no lookahead, as IP cameras stream). They also make the
+# output reproducible: with x264's lookahead, PyAV gave a different bitstream from run to run.
+_X264_OPTIONS = {"preset": "veryfast", "tune": "zerolatency"}
 
 
 def has_encoder(name: str) -> bool:
@@ -52,12 +55,30 @@ def pick_encoder(suffix: str, codec: str | None = None) -> str:
                        "choose another format")
 
 
+def _encode_all(container, stream, frames: np.ndarray) -> None:
+    """Encode and mux every frame, then flush.
+
+    Each frame is converted to the stream's pixel format here and kept alive until the flush,
+    so that no queued picture can outlive its buffer."""
+    import av
+
+    keep = []
+    for arr in frames:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        frame = frame.reformat(format=stream.pix_fmt)
+        keep.append(frame)
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+    del keep
+
+
 def write_video(path: str | Path, frames: np.ndarray, *, fps: int = 25,
-                codec: str | None = None, bits_per_pixel: float = 1.5) -> str:
+                codec: str | None = None, bits_per_pixel: float = 1.5, crf: int = 18) -> str:
     """Encode uint8 ``frames`` ``(F, H, W, 3)`` (RGB) to ``path``; returns the encoder used.
 
     ``bits_per_pixel`` sets the bit rate (``H*W*fps*bits_per_pixel``) for encoders without
-    a quality setting; libx264 uses ``crf=18`` (visually lossless)."""
+    a quality setting; libx264 uses ``crf`` (18: visually lossless; 23: x264's default, what
+    cameras and web video typically use)."""
     import av
 
     path = Path(path)
@@ -80,15 +101,45 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: int = 25,
             if h * w <= 256 * 256:  # encoder threads cost more than they save on tiny frames
                 stream.codec_context.thread_count = 1
             if name == "libx264":
-                stream.options = {"crf": "18", "preset": "veryfast"}
+                stream.options = _X264_OPTIONS | {"crf": str(int(crf))}
             else:
                 stream.bit_rate = max(64_000, int(h * w * fps * bits_per_pixel))
-            for arr in frames:
-                frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+            _encode_all(container, stream, frames)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return name
+
+
+def compress_video(frames: np.ndarray, *, crf: int = 23, fps: int = 25) -> np.ndarray:
+    """``frames`` (uint8 ``(F, H, W, 3)``, even H and W) through libx264 at ``crf`` and back,
+    in memory: the blocking, quantisation and skipped blocks of real compressed footage."""
+    import io
+
+    import av
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise DatasetError(f"compress_video: expected non-empty uint8 frames (F, H, W, 3), got "
+                           f"{frames.dtype} {frames.shape}")
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise DatasetError(f"compress_video: frame size {h}x{w} must be even for 4:2:0 video")
+    if not has_encoder("libx264"):
+        raise DatasetError("compress_video needs PyAV with libx264 (the PyPI 'av' wheels have "
+                           "it); install such a build or pass crf=None")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = _X264_OPTIONS | {"crf": str(int(crf))}
+        _encode_all(container, stream, frames)
+    buf.seek(0)
+    with av.open(buf, "r", format="h264") as container:
+        # copy while the frame lives: the array can be a view of the frame's buffer
+        out = [f.to_ndarray(format="rgb24").copy() for f in container.decode(video=0)]
+    if len(out) != len(frames):
+        raise DatasetError(f"compress_video: {len(frames)} frames in, {len(out)} out")
+    return np.stack(out)

@@ -1,11 +1,13 @@
 """SyntheticActions: a procedurally generated video action-recognition set (no download).
 
-Each video shows one textured object moving over a cluttered, static background (smooth
-colour fields and soft blobs), filmed by a slightly shaky camera (integer random-walk
-jitter of at most ``camera_jitter`` pixels) with Gaussian sensor noise. Object edges are
-anti-aliased, so sub-pixel motion changes few pixels a little; most pixels change only by
-noise between frames. That is the temporal redundancy of real footage that the Delta
-Activation Layer (Yousefzadeh & Sifalakis, arXiv 2107.07305) exploits.
+Each video shows one textured object moving over a static scene filmed the way a real camera
+films it: a natural photograph as the background (scikit-image's sample images), sub-pixel
+camera shake, lighting flicker, Gaussian sensor noise, and lossy compression through libx264
+at a typical CRF (23). Object edges are anti-aliased, so sub-pixel motion changes few pixels a
+little. Most of a frame is temporally redundant -- what the Delta Activation Layer (Yousefzadeh
+& Sifalakis, arXiv 2107.07305) exploits -- but, as on real footage, nearly every pixel changes
+a little between frames (noise, shake, compression), so only gated, trained sparsity pays
+(``bench/footage_realism.py`` compares the change statistics with real camera clips).
 
 **Classes.** Class ``k`` is a *motion* (``MOTIONS[k]``: move right/left/down/up, rotate
 cw/ccw, approach, recede, swing horizontally/vertically, orbit, move diagonally; at most 12
@@ -37,7 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._shapes import SHAPES, TEXTURES, background, texture
+from ._photos import photo_background
+from ._shapes import SHAPES, TEXTURES, texture
+from ._shapes import background as procedural_background
+from .encode import compress_video
 from .sampling import clip_indices, clip_span, even_starts
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_frames
 
@@ -109,23 +114,64 @@ def _trajectory(motion: str, frames: int, h: int, w: int, r0: float, ext: float,
     return np.broadcast_to(cx, (frames,)), np.broadcast_to(cy, (frames,)), angle, radius
 
 
-def _camera_path(frames: int, jitter: int, rng: np.random.Generator) -> np.ndarray:
-    """Integer camera offsets (frames, 2) as a bounded random walk: mostly still, an
-    occasional one-pixel shake."""
-    off = np.zeros((frames, 2), dtype=np.int64)
-    if jitter <= 0:
+def _camera_path(frames: int, jitter: float, shake: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Camera offsets (frames, 2) in pixels: a damped random walk (velocity ``v_t = 0.6 v_{t-1}
+    + N(0, shake)``) kept within ``jitter`` pixels; fractional, so that the whole textured frame
+    moves by a fraction of a pixel, as a camera on a pole or in a hand does."""
+    off = np.zeros((frames, 2), dtype=np.float64)
+    if jitter <= 0 or shake <= 0:
         return off
-    steps = rng.integers(-1, 2, size=(frames, 2)) * (rng.random((frames, 2)) < 0.2)
+    vel = np.zeros(2)
     for i in range(1, frames):
-        off[i] = np.clip(off[i - 1] + steps[i], -jitter, jitter)
+        vel = 0.6 * vel + rng.normal(0.0, shake, size=2)
+        off[i] = np.clip(off[i - 1] + vel, -jitter, jitter)
     return off
+
+
+def _sample_shifted(canvas: np.ndarray, margin: int, off: np.ndarray, h: int,
+                    w: int) -> np.ndarray:
+    """Frames (F, h, w, 3) of ``canvas`` seen through the camera at offsets ``off``
+    (bilinear interpolation, so sub-pixel shifts blend neighbouring pixels)."""
+    out = np.empty((len(off), h, w, 3), dtype=np.float32)
+    for t, (oy, ox) in enumerate(off):
+        y0, x0 = int(np.floor(oy)), int(np.floor(ox))
+        fy, fx = np.float32(oy - y0), np.float32(ox - x0)
+        c = canvas[margin + y0 : margin + y0 + h + 1, margin + x0 : margin + x0 + w + 1]
+        top = c[:h, :w] * (1 - fx) + c[:h, 1 : w + 1] * fx
+        bot = c[1 : h + 1, :w] * (1 - fx) + c[1 : h + 1, 1 : w + 1] * fx
+        out[t] = top * (1 - fy) + bot * fy
+    return out
+
+
+def _flicker(frames: int, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-frame global gain ``1 + amount * g_t`` (g: unit-variance AR(1), mains-lit scenes
+    and auto exposure)."""
+    g = np.zeros(frames)
+    for i in range(frames):
+        g[i] = (0.5 * g[i - 1] if i else 0.0) + rng.normal(0.0, 0.866 if i else 1.0)
+    return (1.0 + amount * g).astype(np.float32)
+
+
+BACKGROUNDS = ("photo", "procedural")
 
 
 def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
                  size: tuple[int, int] = (64, 64), split: str = "train", seed: int = 0,
                  shape_noise: float = 0.1, noise_std: float = 2.0,
-                 camera_jitter: int = 1) -> tuple[np.ndarray, int]:
-    """Render video ``index`` of a split: uint8 ``(frames, H, W, 3)`` and its label."""
+                 camera_jitter: int = 1, camera_shake: float = 0.12, flicker: float = 0.01,
+                 background: str = "photo",
+                 crf: int | None = 23) -> tuple[np.ndarray, int]:
+    """Render video ``index`` of a split: uint8 ``(frames, H, W, 3)`` and its label.
+
+    What a real camera adds: a natural-photo background (``background="photo"``, else smooth
+    procedural clutter), sub-pixel camera shake (``camera_shake`` px/frame, within
+    ``camera_jitter`` px; both in pixels of a 64-pixel frame and scaled with the resolution,
+    so that a scene shakes by the same fraction of the frame at any size), lighting flicker (a global gain of std ``flicker``), Gaussian sensor
+    noise (``noise_std`` grey levels) and lossy compression through libx264 at ``crf``
+    (``None``: uncompressed; even frame sizes only)."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     if split not in _SPLITS or not 1 <= num_classes <= MAX_CLASSES or index < 0 or seed < 0:
         raise ValueError(f"render_video: need split 'train'/'test', 1 <= num_classes <= "
                          f"{MAX_CLASSES}, index >= 0 and seed >= 0; got {split!r}, "
@@ -146,12 +192,16 @@ def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
     angle = angle + rng.uniform(-np.pi / 6, np.pi / 6)
     param = rng.uniform(-1.0, 1.0)
 
-    j = max(int(camera_jitter), 0)
-    canvas = background(h + 2 * j, w + 2 * j, rng)
-    cam = _camera_path(frames, j, rng)
-    rows = (j + cam[:, 0])[:, None] + np.arange(h)
-    cols = (j + cam[:, 1])[:, None] + np.arange(w)
-    video = canvas[rows[:, :, None], cols[:, None, :]]  # (F, H, W, 3)
+    scale = min(h, w) / 64.0
+    j = max(float(camera_jitter), 0.0) * scale
+    margin = int(np.ceil(j)) + 1  # bilinear sampling reads one pixel beyond the window
+    if background == "photo":
+        canvas = photo_background(h + 2 * margin, w + 2 * margin, rng)
+    else:
+        canvas = procedural_background(h + 2 * margin, w + 2 * margin, rng)
+    cam = _camera_path(frames, j, camera_shake * scale, rng)
+    video = _sample_shifted(canvas, margin, cam, h, w)  # (F, H, W, 3)
+    gain = _flicker(frames, flicker, rng)[:, None, None, None] if flicker > 0 else None
 
     # Object in world coordinates, seen from the shifted camera.
     f32 = np.float32
@@ -174,9 +224,14 @@ def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
     shade = np.clip(1.0 - 0.12 * v, 0.75, 1.25)[..., None]
     obj = (c1 + (c2 - c1) * tex) * shade
     video = video * (1.0 - alpha) + alpha * obj
+    if gain is not None:
+        video *= gain
     if noise_std > 0:
         video += f32(noise_std) * rng.standard_normal(video.shape, dtype=f32)
-    return np.clip(video + 0.5, 0, 255).astype(np.uint8), label
+    video = np.clip(video + 0.5, 0, 255).astype(np.uint8)
+    if crf is not None:
+        video = compress_video(video, crf=crf)
+    return video, label
 
 
 class SyntheticActions(Dataset):
@@ -195,7 +250,8 @@ class SyntheticActions(Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  shape_noise: float = 0.1, noise_std: float = 2.0, camera_jitter: int = 1,
-                 cache: bool = False) -> None:
+                 camera_shake: float = 0.12, flicker: float = 0.01, background: str = "photo",
+                 crf: int | None = 23, cache: bool = False) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not 1 <= num_classes <= MAX_CLASSES:
@@ -210,6 +266,13 @@ class SyntheticActions(Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         if not 0.0 <= shape_noise <= 1.0:
             raise ValueError(f"shape_noise is a probability in [0, 1], got {shape_noise}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+        if crf is not None and (not 0 <= int(crf) <= 51 or hw[0] % 2 or hw[1] % 2):
+            raise ValueError(f"crf must be None or in 0..51 with an even frame size (4:2:0 "
+                             f"video), got crf={crf} for size {hw}")
+        if min(noise_std, camera_shake, flicker, camera_jitter) < 0:
+            raise ValueError("noise_std, camera_shake, flicker and camera_jitter must be >= 0")
         self.num_videos, self.num_classes, self.frames = num_videos, num_classes, frames
         self.size: tuple[int, int] = hw
         self.split, self.seed = split, seed
@@ -218,6 +281,8 @@ class SyntheticActions(Dataset):
         clip_span(self.clip_len, clip_stride)  # validates
         self.transform, self.mean, self.std = transform, tuple(mean), tuple(std)
         self.shape_noise, self.noise_std, self.camera_jitter = shape_noise, noise_std, camera_jitter
+        self.camera_shake, self.flicker, self.background = camera_shake, flicker, background
+        self.crf = None if crf is None else int(crf)
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     @property
@@ -233,22 +298,29 @@ class SyntheticActions(Dataset):
         return dict(num_videos=self.num_videos, num_classes=self.num_classes,
                     frames=self.frames, size=self.size, split=self.split, seed=self.seed,
                     shape_noise=self.shape_noise, noise_std=self.noise_std,
-                    camera_jitter=self.camera_jitter)
+                    camera_jitter=self.camera_jitter, camera_shake=self.camera_shake,
+                    flicker=self.flicker, background=self.background, crf=self.crf)
 
     def __len__(self) -> int:
         return self.num_videos
 
-    def render(self, index: int) -> np.ndarray:
-        """Video ``index`` as uint8 ``(frames, H, W, 3)``; identical on every call."""
+    def render(self, index: int, *, compress: bool = True) -> np.ndarray:
+        """Video ``index`` as uint8 ``(frames, H, W, 3)``; identical on every call.
+
+        ``compress=False`` skips the libx264 round trip (for writers that encode themselves)."""
         if not 0 <= index < self.num_videos:
             raise IndexError(f"video index {index} out of range for {self.num_videos} videos")
-        if self._cache is not None and index in self._cache:
+        cached = self._cache is not None and compress
+        if cached and index in self._cache:
             return self._cache[index]
         video, _ = render_video(index, num_classes=self.num_classes, frames=self.frames,
                                 size=self.size, split=self.split, seed=self.seed,
                                 shape_noise=self.shape_noise, noise_std=self.noise_std,
-                                camera_jitter=self.camera_jitter)
-        if self._cache is not None:
+                                camera_jitter=self.camera_jitter,
+                                camera_shake=self.camera_shake, flicker=self.flicker,
+                                background=self.background,
+                                crf=self.crf if compress else None)
+        if cached:
             self._cache[index] = video
         return video
 

@@ -107,7 +107,9 @@ def write_ucf101_layout(dataset_or_params: SyntheticActions | Mapping[str, Any],
     start = time.perf_counter()
 
     def write(job: tuple[Path, int]) -> None:
-        write_video(job[0], ds.render(job[1]), fps=fps, codec=encoder)
+        # The file's own encoder is the compression: render uncompressed, encode at ds.crf.
+        write_video(job[0], ds.render(job[1], compress=False), fps=fps, codec=encoder,
+                    crf=18 if ds.crf is None else ds.crf)
 
     # Rendering (numpy) and encoding (FFmpeg) both release the GIL for most of their time.
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
