@@ -26,7 +26,7 @@ __all__ = ["DeltaConfig", "convert", "revert"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: gate and mode
 _KINDS = ("delta", "l1")
 _LAYER_OPTIONS = {
     "granularity",
@@ -37,6 +37,8 @@ _LAYER_OPTIONS = {
     "delta_output",
     "threshold_trainable",
     "fan_out",
+    "gate",
+    "mode",
 }
 _FUNCTIONAL = {
     "ReLU": ({F.relu, torch.relu}, {"relu", "relu_"}),
@@ -58,7 +60,10 @@ class DeltaConfig:
         overrides: per-layer options keyed by the activation's module name (or node name
             for functional calls, ``"input"`` for the input layer); ``{"skip": True}`` leaves a
             site out.
-        Other fields are the layer options of :class:`DeltaActivation`.
+        Other fields are the layer options of :class:`DeltaActivation` (``gate``: ``"scalar"`` or
+        ``"pixel"``; ``mode``: ``"grid"`` or ``"hysteresis"``). For an input gate, as the
+        video recipe uses, set ``on_input=True`` and give the input its own options with
+        ``overrides={"input": {...}}``.
     """
 
     kind: str = "delta"
@@ -69,6 +74,8 @@ class DeltaConfig:
     sigma: bool = False
     delta_output: bool = False
     threshold_trainable: bool = True
+    gate: str = "scalar"
+    mode: str = "grid"
     after: tuple[str, ...] = ("ReLU", "ReLU6", "Hardtanh")
     functional: bool = True
     on_input: bool = False

@@ -39,7 +39,7 @@ def synthetic_stream(
                       for _ in range(b)])  # fmt: skip
     side = max(2, int(object_size * min(h, w)))
     tex = torch.stack([torch.stack([_smooth(gen, c, side, side, 2) + 1.0 for _ in range(objects)])
-                       for _ in range(b)])  # fmt: skip
+                       for _ in range(b)]) if objects else None  # fmt: skip
     pos = torch.rand(b, objects, 2, generator=gen) * torch.tensor([h - side, w - side])
     ang = torch.rand(b, objects, generator=gen) * 6.2832
     vel = torch.stack([ang.sin(), ang.cos()], -1) * speed

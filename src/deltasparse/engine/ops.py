@@ -171,13 +171,23 @@ class Chain:
                 if thr.dim() > 1:  # neuron granularity on a (C, H, W) map -> (H*W, C)
                     thr = thr.reshape(thr.shape[0], -1).t().contiguous()
                     per_row = True
-                self.steps.append(("quant", thr, per_row))
+                if layer.mode == "hysteresis":
+                    # compared with the stored value (the last one sent): needs the state
+                    self.steps.append(("hyst", thr, per_row, layer.gate == "pixel"))
+                else:
+                    self.steps.append(("quant", thr, per_row))
             else:  # pragma: no cover - plan only emits the kinds above
                 raise AssertionError(op.kind)
 
     @property
+    def stateful(self) -> bool:
+        """Whether the chain reads the stored values (a hysteresis gate)."""
+        return any(step[0] == "hyst" for step in self.steps)
+
+    @property
     def fused(self) -> tuple | None:
-        """``(lo, hi, thr, thr_mode)`` when the chain is ``[clamp]? [quant]?`` (else None)."""
+        """``(lo, hi, thr, thr_mode, gate)`` when the chain is ``[clamp]? [quant|hyst]?`` (else
+        None). ``gate``: 0 grid quantiser (or none), 1 scalar hysteresis, 2 pixel hysteresis."""
         steps = list(self.steps)
         lo, hi = float("-inf"), float("inf")
         if steps and steps[0][0] == "clamp":
@@ -185,20 +195,32 @@ class Chain:
             hi = float("inf") if steps[0][2] is None else float(steps[0][2])
             steps.pop(0)
         if not steps:
-            return lo, hi, _EMPTY, 0
-        if len(steps) == 1 and steps[0][0] == "quant":
+            return lo, hi, _EMPTY, 0, 0
+        if len(steps) == 1 and steps[0][0] in ("quant", "hyst"):
             thr, per_row = steps[0][1], steps[0][2]
             mode = 3 if per_row else (1 if thr.dim() == 0 else 2)
-            return lo, hi, thr.reshape(-1).contiguous(), mode
+            gate = 0 if steps[0][0] == "quant" else (2 if steps[0][3] else 1)
+            return lo, hi, thr.reshape(-1).contiguous(), mode, gate
         return None
 
-    def __call__(self, z: torch.Tensor, rows: torch.Tensor | None, batch: int) -> None:
+    def _row_thr(self, thr: torch.Tensor, per_row: bool, rows, n: int, batch: int):
+        """The step broadcast against ``n`` computed rows (``rows is None``: all rows)."""
+        if not per_row:
+            return thr
+        if rows is None:
+            return thr.repeat(batch, 1)
+        return thr.index_select(0, rows % self.hw)
+
+    def __call__(self, z: torch.Tensor, rows: torch.Tensor | None, batch: int,
+                 buf: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Apply the chain in place to ``z`` (the new values of ``rows``, or of all rows);
+        ``buf`` is the op's stored state, read by hysteresis gates (zeros before a stream)."""
         for step in self.steps:
             if step[0] == "clamp":
                 z.clamp_(step[1], step[2])
             elif step[0] == "affine":
                 z.mul_(step[1]).add_(step[2])
-            else:
+            elif step[0] == "quant":
                 thr = step[1]
                 if step[2]:
                     if rows is None:
@@ -208,6 +230,16 @@ class Chain:
                     thr = thr.index_select(0, rows % self.hw)
                 # quantize(): round(a / thr) * thr in float32, round half to even.
                 z.div_(thr).round_().mul_(thr)
+            else:  # hysteresis_step(): send where |a - ref| > thr (float32), else keep ref
+                if buf is None:
+                    raise AssertionError("a hysteresis gate needs the stored values")
+                n = z.shape[0]
+                old = buf[:n] if rows is None else buf.index_select(0, rows)
+                thr = self._row_thr(step[1], step[2], rows, n, batch)
+                send = (z.float() - old.float()).abs() > thr
+                if step[3]:
+                    send = send.any(1, keepdim=True)
+                torch.where(send, z, old, out=z)
 
 
 def _bn_affine(bn, channels: int, device, dtype):

@@ -76,7 +76,7 @@ class Backend:
         """
         if bias is not None and self.defers_bias:
             z += bias
-        chain(z, rows, out.batch)
+        chain(z, rows, out.batch, out.buf)
         if first:
             out.buf[: out.rows].copy_(z)
             return None

@@ -36,18 +36,48 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cmath>
 
-// One row: bias -> clamp -> quantise -> compare -> write. Specialised per mode so that the
+// One row: bias -> clamp -> gate -> compare -> write. Specialised per mode so that the
 // inner loop has no branches and vectorises (no fast-math: same IEEE ops as the torch path).
-template <int MODE, bool BIAS, bool CMP>
+// GATE 0: grid quantiser round(v / t) * t; 1: scalar hysteresis (each scalar takes v where
+// |v - old| > t, else keeps old); 2: pixel hysteresis (the whole row takes v when any scalar
+// does). The changed flag of a hysteresis row is "something was sent".
+template <int MODE, bool BIAS, bool CMP, int GATE>
 static inline bool commit_row(const float* __restrict zi, float* __restrict bi,
                               const float* __restrict bs, const float* __restrict ti,
                               int64_t C, float lo, float hi) {
   int any = 0;
+  if (GATE == 2) {
+    for (int64_t c = 0; c < C; ++c) {
+      float v = zi[c];
+      if (BIAS) v = v + bs[c];
+      v = v < lo ? lo : v;
+      v = v > hi ? hi : v;
+      const float t = MODE == 1 ? ti[0] : ti[c];
+      any |= (std::fabs(v - bi[c]) > t);
+    }
+    if (!any) return false;
+    for (int64_t c = 0; c < C; ++c) {
+      float v = zi[c];
+      if (BIAS) v = v + bs[c];
+      v = v < lo ? lo : v;
+      v = v > hi ? hi : v;
+      bi[c] = v;
+    }
+    return true;
+  }
   for (int64_t c = 0; c < C; ++c) {
     float v = zi[c];
     if (BIAS) v = v + bs[c];
     v = v < lo ? lo : v;
     v = v > hi ? hi : v;
+    if (GATE == 1) {
+      const float t = MODE == 1 ? ti[0] : ti[c];
+      const float old = bi[c];
+      const int send = std::fabs(v - old) > t;
+      any |= send;
+      bi[c] = send ? v : old;
+      continue;
+    }
     if (MODE == 1) v = std::rint(v / ti[0]) * ti[0];
     if (MODE >= 2) v = std::rint(v / ti[c]) * ti[c];
     if (CMP) any |= (v != bi[c]);
@@ -56,7 +86,7 @@ static inline bool commit_row(const float* __restrict zi, float* __restrict bi,
   return any != 0;
 }
 
-template <int MODE, bool BIAS, bool CMP>
+template <int MODE, bool BIAS, bool CMP, int GATE>
 static void commit_all(const float* zp, float* bp, const int64_t* rp, const float* bs,
                        const float* tp, bool* cp, int64_t n, int64_t C, int64_t hw,
                        float lo, float hi) {
@@ -66,18 +96,30 @@ static void commit_all(const float* zp, float* bp, const int64_t* rp, const floa
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rp ? rp[i] : i;
       const float* ti = MODE == 3 ? tp + (r % hw) * C : tp;
-      cp[i] = commit_row<MODE, BIAS, CMP>(zp + i * C, bp + r * C, bs, ti, C, lo, hi);
+      cp[i] = commit_row<MODE, BIAS, CMP, GATE>(zp + i * C, bp + r * C, bs, ti, C, lo, hi);
     }
   });
 }
 
+template <int MODE, int GATE>
+static void commit_dispatch(const float* zp, float* bp, const int64_t* rp, const float* bs,
+                            const float* tp, bool* cp, int64_t n, int64_t C, int64_t hw,
+                            float lo, float hi, bool compare) {
+  if (bs && compare) commit_all<MODE, true, true, GATE>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi);
+  else if (bs) commit_all<MODE, true, false, GATE>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi);
+  else if (compare) commit_all<MODE, false, true, GATE>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi);
+  else commit_all<MODE, false, false, GATE>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi);
+}
+
 // z (n, C) float32; buf (P + 1, C) float32; rows (n,) int64 or empty (row i <-> buf row i).
 // thr_mode: 0 none, 1 scalar thr[0], 2 per channel thr[c], 3 per position thr[(r % hw) * C + c].
+// gate: 0 grid quantiser, 1 scalar hysteresis, 2 pixel hysteresis (needs thr_mode > 0).
 torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor rows,
-                           torch::Tensor bias, double lo, double hi, torch::Tensor thr, int64_t thr_mode,
-                           int64_t hw, bool compare) {
+                           torch::Tensor bias, double lo, double hi, torch::Tensor thr,
+                           int64_t thr_mode, int64_t hw, bool compare, int64_t gate) {
   TORCH_CHECK(z.dtype() == torch::kFloat32 && buf.dtype() == torch::kFloat32, "float32 only");
   TORCH_CHECK(z.is_contiguous() && buf.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
   const int64_t n = z.size(0), C = z.size(1);
   auto changed = torch::zeros({n}, z.options().dtype(torch::kBool));
   const float* zp = z.data_ptr<float>();
@@ -88,14 +130,11 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
   bool* cp = changed.data_ptr<bool>();
   const float flo = (float)lo, fhi = (float)hi;
-#define DS_CASE(M)                                                                        \
-  if (thr_mode == M) {                                                                    \
-    if (bs && compare) commit_all<M, true, true>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi); \
-    else if (bs) commit_all<M, true, false>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi);     \
-    else if (compare) commit_all<M, false, true>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi); \
-    else commit_all<M, false, false>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi);            \
-  }
-  DS_CASE(0) DS_CASE(1) DS_CASE(2) DS_CASE(3)
+#define DS_CASE(M, G)                                                                      \
+  if (thr_mode == M && gate == G)                                                          \
+    commit_dispatch<M, G>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi, compare);
+  DS_CASE(0, 0) DS_CASE(1, 0) DS_CASE(2, 0) DS_CASE(3, 0)
+  DS_CASE(1, 1) DS_CASE(2, 1) DS_CASE(3, 1) DS_CASE(1, 2) DS_CASE(2, 2) DS_CASE(3, 2)
 #undef DS_CASE
   return changed;
 }
@@ -134,7 +173,7 @@ TORCH_LIBRARY(deltasparse, m) {
   m.def("depthwise_rows(Tensor x, Tensor taps, Tensor w, Tensor rows) -> Tensor");
   m.def("quant_commit(Tensor z, Tensor(a!) buf, Tensor rows, Tensor bias, float lo, float hi, "
         "Tensor thr, "
-        "int thr_mode, int hw, bool compare) -> Tensor");
+        "int thr_mode, int hw, bool compare, int gate=0) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
@@ -144,7 +183,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 5
+_VERSION = 6
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
 
@@ -198,7 +237,7 @@ def load(build: bool = True):
         op = torch.ops.deltasparse.quant_commit
 
         @torch.library.register_fake("deltasparse::quant_commit")
-        def _fake(z, buf, rows, bias, lo, hi, thr, thr_mode, hw, compare):
+        def _fake(z, buf, rows, bias, lo, hi, thr, thr_mode, hw, compare, gate=0):
             return z.new_empty(z.shape[0], dtype=torch.bool)
 
         @torch.library.register_fake("deltasparse::depthwise_rows")
@@ -218,6 +257,7 @@ def available() -> bool:
     return load() is not None
 
 
-def quant_commit(z, buf, rows, bias, lo, hi, thr, thr_mode: int, hw: int, compare: bool):
+def quant_commit(z, buf, rows, bias, lo, hi, thr, thr_mode: int, hw: int, compare: bool,
+                 gate: int = 0):
     op = load()
-    return op(z, buf, rows, bias, lo, hi, thr, thr_mode, hw, compare)
+    return op(z, buf, rows, bias, lo, hi, thr, thr_mode, hw, compare, gate)

@@ -210,13 +210,13 @@ class CppBackend(TorchBackend):
             if bias is not None:
                 z += bias
                 bias = None
-            chain(z, rows, out.batch)
-            params = (float("-inf"), float("inf"), z.new_empty(0), 0)
-        lo, hi, thr, mode = params
+            chain(z, rows, out.batch, out.buf)
+            params = (float("-inf"), float("inf"), z.new_empty(0), 0, 0)
+        lo, hi, thr, mode, gate = params
         hw = chain.hw
         r = _NO_ROWS if rows is None else rows
         b = _NO_BIAS if bias is None else bias
-        mask = self._op(z, out.buf, r, b, lo, hi, thr, mode, hw, not first)
+        mask = self._op(z, out.buf, r, b, lo, hi, thr, mode, hw, not first, gate)
         if first:
             return None
         return mask.nonzero().squeeze(1) if rows is None else rows[mask]

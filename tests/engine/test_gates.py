@@ -1,0 +1,106 @@
+"""The engine with pixel gates and hysteresis: equal to the dense streaming model (the per-frame
+model called frame by frame, its hysteresis layers keeping their reference), on every frame,
+with the input gated too; the C++ epilogue equals the torch one."""
+
+import pytest
+import torch
+from engine_helpers import AllOps, randomize
+
+import deltasparse as ds
+from deltasparse.data.streams import synthetic_stream
+
+
+def _model(gate: str, mode: str, frames, seed: int = 0):
+    torch.manual_seed(seed)
+    m = randomize(AllOps(), seed).eval()
+    cfg = ds.DeltaConfig(gate=gate, mode=mode, threshold_init=0.05, on_input=True,
+                         overrides={"input": {"threshold_init": 0.03, "granularity": "layer"}})
+    gm = ds.convert(m, cfg, example_input=frames[0]).eval()
+    ds.reset_state(gm)
+    return gm
+
+
+@pytest.mark.parametrize("gate", ["scalar", "pixel"])
+@pytest.mark.parametrize("mode", ["grid", "hysteresis"])
+def test_engine_equals_dense_streaming_model(gate, mode, backend, crossover):
+    frames = list(synthetic_stream(25, (2, 3, 32, 32), noise=0.01, seed=1))
+    gm = _model(gate, mode, frames)
+    eng = ds.DeltaEngine(gm, backend=backend, crossover=crossover)
+    with torch.no_grad():
+        for t, f in enumerate(frames):
+            want, got = gm(f), eng.step(f)
+            scale = float(want.abs().max())
+            assert float((want - got).abs().max()) <= 1e-5 * scale, f"frame {t}"
+    st = eng.stats
+    assert 0 < st.density < 1  # it did skip work on the static background
+
+
+def test_hysteresis_engine_skips_noise_that_grid_propagates():
+    """Sensor noise below the step flips grid outputs at rounding boundaries every frame;
+    hysteresis sends nothing for it: the input gate stops the noise at the first layer."""
+    frames = list(synthetic_stream(12, (1, 3, 32, 32), objects=0, noise=0.003, seed=2))
+    density = {}
+    for mode in ("grid", "hysteresis"):
+        gm = _model("pixel", mode, frames)
+        eng = ds.DeltaEngine(gm, backend="torch")
+        with torch.no_grad():
+            for f in frames:
+                eng.step(f)
+            first = ds.DeltaEngine(gm, backend="torch")
+            first.step(frames[0])
+        density[mode] = (eng.stats.effective_macs - first.stats.effective_macs) / (
+            eng.stats.dense_macs - first.stats.dense_macs)
+    assert density["hysteresis"] == 0.0  # noise of 0.003 (x sqrt 2) stays far below the step 0.03
+    assert density["grid"] > 0.05
+
+
+def test_engine_hysteresis_state_restarts_at_reset():
+    frames = list(synthetic_stream(6, (1, 3, 32, 32), noise=0.01, seed=3))
+    gm = _model("pixel", "hysteresis", frames)
+    eng = ds.DeltaEngine(gm, backend="torch")
+    with torch.no_grad():
+        first = [eng.step(f) for f in frames]
+        eng.reset()
+        ds.reset_state(gm)
+        again = [eng.step(f) for f in frames]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gate", [1, 2])
+@pytest.mark.parametrize("thr_mode", [1, 2, 3])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cpp_hysteresis_epilogue_equals_torch(gate, thr_mode, sparse):
+    from deltasparse.engine.kernels import cpp
+
+    if not cpp.available():
+        pytest.skip("the C++ engine op is not available here")
+    g = torch.Generator().manual_seed(gate * 10 + thr_mode)
+    p, c, hw = 24, 5, 6
+    buf = torch.randn(p + 1, c, generator=g)
+    buf[-1] = 0
+    rows = torch.tensor([0, 3, 4, 9, 17, 23]) if sparse else torch.empty(0, dtype=torch.long)
+    n = int(rows.numel()) if sparse else p
+    z = buf[:p][rows] + 0.3 * torch.randn(n, c, generator=g) if sparse else (
+        buf[:p] + 0.3 * torch.randn(p, c, generator=g))
+    bias = 0.1 * torch.randn(c, generator=g)
+    thr = {1: torch.tensor([0.25]), 2: 0.1 + 0.3 * torch.rand(c, generator=g),
+           3: 0.1 + 0.3 * torch.rand(hw * c, generator=g)}[thr_mode]
+    lo, hi = -0.5, 1.5
+    # the torch formulation, in the engine's own Chain
+    a = (z + bias).clamp(lo, hi)
+    idx = rows if sparse else torch.arange(p)
+    old = buf.index_select(0, idx)
+    t = thr.reshape(hw, c).index_select(0, idx % hw) if thr_mode == 3 else thr
+    send = (a - old).abs() > t
+    if gate == 2:
+        send = send.any(1, keepdim=True)
+    new = torch.where(send, a, old)
+    want_buf = buf.clone()
+    want_buf.index_copy_(0, idx, new)
+    want_changed = (new != old).any(1)
+    got_buf = buf.clone()
+    mask = cpp.quant_commit(z.contiguous(), got_buf, rows, bias, lo, hi, thr, thr_mode, hw,
+                            True, gate)  # fmt: skip
+    assert torch.equal(got_buf, want_buf)
+    assert torch.equal(mask, want_changed)
