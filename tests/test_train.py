@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import socket
@@ -216,3 +218,179 @@ def test_bench_cli_with_trained_checkpoint(recipe, tmp_path):
     r = rows[0]
     assert r["dense_ms"] > 0 and r["delta_ms"] > 0
     assert r["achieved_speedup"] == pytest.approx(r["dense_ms"] / r["delta_ms"], rel=1e-6)
+
+
+# -- configuration checked up front ------------------------------------------------------------
+@pytest.mark.parametrize("field, value, expected", [
+    ("resolution", 0, "--resolution) must be an integer >= 8"),
+    ("resolution", -5, "--resolution) must be an integer >= 8"),
+    ("epochs", 0, "--epochs) must be an integer >= 1"),
+    ("batch_size", 0, "--batch-size) must be an integer >= 1"),
+    ("lr", 0.0, "--lr) must be a finite number > 0"),
+    ("lr", float("nan"), "--lr) must be a finite number > 0"),
+    ("frame_stride", 0, "--frame-stride) must be an integer >= 1"),
+    ("workers", -1, "--workers) must be an integer >= 0"),
+    ("split", 0, "--split) must be an integer in 1..5"),
+    ("split", 6, "--split) must be an integer in 1..5"),
+    ("clip_len", 0, "--clip-len) must be an integer >= 1, got 0"),
+    ("eval_clips_per_video", 0, "--eval-clips-per-video) must be an integer >= 1"),
+    ("resize", 16, "--resize) must be unset or an integer >= resolution (32)"),
+    ("momentum", 1.0, "--momentum) must be a number in [0, 1)"),
+    ("weight_decay", -1e-4, "--weight-decay) must be a number >= 0"),
+    ("threshold_init", 0.0, "--threshold-init) must be a number > 0"),
+    ("seed", -1, "--seed) must be an integer >= 0"),
+    ("synthetic_classes", 13, "--synthetic-classes) must be an integer in 1..12"),
+    ("synthetic_videos", 3, "--synthetic-videos) must be an integer >= synthetic_classes (4)"),
+    ("model", "nope", "--model) must be one of convnet, mobilenet_v1"),
+    ("layout", "ucf", "--layout) must be one of auto, ucf101, folder"),
+    ("device", "gpu", "--device) must be one of auto, cpu, cuda"),
+])
+def test_config_fields_are_validated_up_front(field, value, expected):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{**TINY, field: value})
+    msg = str(err.value)
+    assert expected in msg
+    assert f"got {value!r}" in msg and "; pass " in msg  # the value seen and the fix
+    assert "\n" not in msg
+
+
+def test_baseline_clip_len_0_is_not_blamed_on_delta_training():
+    with pytest.raises(ValueError) as err:
+        TrainConfig(phase="baseline", clip_len=0)
+    assert "delta" not in str(err.value)
+    with pytest.raises(ValueError, match="delta training needs clip_len >= 2"):
+        TrainConfig(phase="delta_scratch", eval_clip_len=1)
+
+
+def test_clip_longer_than_every_video_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "baseline", eval_clip_len=7)  # synthetic videos have 6 frames
+    with pytest.raises(ValueError, match="pass --eval-clip-len 6 or less"):
+        train(cfg)
+    assert not (tmp_path / "baseline").exists()
+
+
+# -- run folders: nothing written before the checks pass, nothing finished overwritten -------
+def _fingerprint(run: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_finished_run_is_not_overwritten_without_force(tmp_path):
+    cfg = _cfg(tmp_path, "baseline", epochs=1)
+    train(cfg)
+    run = tmp_path / "baseline"
+    before = _fingerprint(run)
+    with pytest.raises(FileExistsError, match="already holds a finished run.*pass --force"):
+        train(cfg)
+    assert _fingerprint(run) == before
+    train(dataclasses.replace(cfg, seed=1), force=True)
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert torch.load(run / "model.pt", weights_only=False)["config"]["seed"] == 1
+
+
+def test_failed_start_leaves_the_run_folder_alone(tmp_path):
+    cfg = _cfg(tmp_path, "baseline", epochs=1)
+    train(cfg)
+    run = tmp_path / "baseline"
+    before = _fingerprint(run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    from deltasparse.data import DatasetError
+
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        train(dataclasses.replace(cfg, data=str(empty)), force=True)
+    assert _fingerprint(run) == before  # config.json of the old run not rewritten
+    with pytest.raises(DatasetError):
+        train(_cfg(tmp_path / "new", "baseline", data=str(empty)))
+    assert not (tmp_path / "new").exists()
+
+
+def _unfinished(tmp_path: Path, monkeypatch, **kw) -> TrainConfig:
+    """A run killed right after the checkpoint of its first epoch (of 2)."""
+    cfg = _cfg(tmp_path, "baseline", **kw)
+    real_save = train_mod.save_atomic
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_mod, "save_atomic", real_save)
+    return cfg
+
+
+def test_unfinished_run_needs_resume_or_force(tmp_path, monkeypatch):
+    cfg = _unfinished(tmp_path, monkeypatch)
+    with pytest.raises(FileExistsError, match=r"unfinished run \(1 of 2 epochs done\); pass "
+                                              "--resume to continue it, --force"):
+        train(cfg)
+    with pytest.raises(ValueError, match="--resume and --force contradict"):
+        train(cfg, resume=True, force=True)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    cfg = _cfg(tmp_path, "baseline")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*drop --resume"):
+        train(cfg, resume=True)
+    assert not (tmp_path / "baseline").exists()
+
+
+@pytest.mark.parametrize("field, value", [("resolution", 48), ("lr", 1e-3), ("epochs", 3)])
+def test_resume_refuses_changed_settings(tmp_path, monkeypatch, field, value):
+    cfg = _unfinished(tmp_path, monkeypatch)
+    config = (tmp_path / "baseline" / "config.json").read_bytes()
+    with pytest.raises(ValueError) as err:
+        train(dataclasses.replace(cfg, **{field: value}), resume=True)
+    assert f"{field}: saved {getattr(cfg, field)!r}, given {value!r}" in str(err.value)
+    assert (tmp_path / "baseline" / "config.json").read_bytes() == config
+
+
+def test_resume_says_where_it_continues_and_allows_execution_settings(tmp_path, monkeypatch,
+                                                                      caplog):
+    from rich.console import Console
+
+    cfg = _unfinished(tmp_path, monkeypatch)
+    console = Console(file=io.StringIO(), width=200)
+    with caplog.at_level("INFO", logger="deltasparse.train"):
+        result = train(dataclasses.replace(cfg, workers=1, device="cpu"), resume=True,
+                       console=console)
+    line = "resumed " + str(tmp_path / "baseline" / "checkpoint.pt") + (
+        " after epoch 1 of 2: continuing with epoch 2")
+    assert line in console.file.getvalue()
+    assert line in caplog.text
+    assert 0.0 <= result["accuracy"] <= 1.0
+    hist = json.loads((tmp_path / "baseline" / "metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in hist] == [0, 1]
+
+
+# -- classes -----------------------------------------------------------------------------------
+def test_checkpoints_store_the_class_names(recipe):
+    root, _ = recipe
+    want = ["MoveRight", "MoveLeft", "MoveDown", "MoveUp"]
+    for name in ("model.pt", "checkpoint.pt"):
+        ckpt = torch.load(root / "baseline" / name, weights_only=False)
+        assert ckpt["class_names"] == want and ckpt["num_classes"] == 4
+
+
+def test_init_from_a_model_of_other_classes_is_refused(recipe, tmp_path):
+    root, _ = recipe
+    cfg = _cfg(tmp_path, "l1", init_from=str(root / "baseline" / "model.pt"),
+               synthetic_classes=3)
+    with pytest.raises(ValueError, match=r"was trained on 4 classes \(MoveRight, .*but the "
+                                         r"synthetic data has 3"):
+        train(cfg)
+    assert not (tmp_path / "l1").exists()
+
+
+def test_data_summary_counts_videos_per_class(tmp_path):
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    train(_cfg(tmp_path, "baseline", epochs=1, synthetic_classes=3), console=console)
+    text = console.file.getvalue()
+    assert "synthetic videos (seed 0, 6 frames): 16 train and 4 test videos" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert rows["MoveRight"] == ["6", "2"] and rows["MoveLeft"] == ["5", "1"]
+    assert rows["total"] == ["16", "4"]

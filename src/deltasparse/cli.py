@@ -15,73 +15,102 @@ __all__ = ["main"]
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train import PHASES, TrainConfig
+    """Options of ``train``. Their defaults are None (TrainConfig's apply), so that ``--resume``
+    can tell the options given from those left out: left out, the saved value is kept."""
+    from .data.layout import LAYOUTS
+    from .train import PHASES, RESUME_MAY_CHANGE, TrainConfig
 
     d = TrainConfig()
+
+    def _flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def opt(g, flag: str, help: str = "", **kw) -> None:
+        dest = flag[2:].replace("-", "_")
+        default = getattr(d, dest, None)
+        shown = f" (default {default})" if default is not None else ""
+        g.add_argument(flag, default=None, help=f"{help}{shown}".strip(), **kw)
+
     g = p.add_argument_group("run")
-    g.add_argument("--phase", choices=PHASES, default=d.phase,
-                   help="recipe step: baseline, l1 (from baseline), delta (from l1), delta_scratch")
+    opt(g, "--phase", "recipe step: baseline, l1 (from baseline), delta (from l1), delta_scratch",
+        choices=PHASES)
     g.add_argument("--out", default=None, help="run folder (default runs/<phase>)")
     g.add_argument("--init-from", default=None, help="model.pt of the previous phase")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    may_change = {"progress": "--no-progress"}
+    g.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in OUT from its checkpoint.pt; options left "
+                   "out keep their saved values, and only "
+                   f"{', '.join(may_change.get(k, _flag(k)) for k in RESUME_MAY_CHANGE)} may "
+                   "differ from them")
+    g.add_argument("--force", action="store_true",
+                   help="train into OUT even though it holds a run (its files are replaced)")
+    opt(g, "--seed", type=int)
+    opt(g, "--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--amp", default=None, choices=["bf16"], help="mixed precision (GPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data,
-                   help="'synthetic' (embedded default) or a folder: UCF101 layout or class folders")
-    g.add_argument("--split", type=int, default=d.split, choices=[1, 2, 3])
+    opt(g, "--data", "'synthetic' (embedded) or a folder: UCF101 layout or class folders")
+    opt(g, "--split", "1..3 for UCF101 (official lists), 1..5 for class folders", type=int)
+    opt(g, "--layout", "auto: UCF101 when classInd.txt is found, else class folders",
+        choices=LAYOUTS)
+    g.add_argument("--splits-dir", default=None,
+                   help="folder holding classInd.txt and the UCF101 split lists")
     g.add_argument("--cache-dir", default=None, help="decoded-frame cache (reused across runs)")
-    g.add_argument("--synthetic-videos", type=int, default=d.synthetic_videos)
-    g.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes)
-    g.add_argument("--resolution", type=int, default=d.resolution, help="square crop size")
-    g.add_argument("--clip-len", type=int, default=d.clip_len, help="frames per training clip")
-    g.add_argument("--eval-clip-len", type=int, default=None, help="frames per evaluation clip")
-    g.add_argument("--frame-stride", type=int, default=d.frame_stride)
-    g.add_argument("--eval-clips-per-video", type=int, default=d.eval_clips_per_video)
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
+    opt(g, "--synthetic-videos", type=int)
+    opt(g, "--synthetic-classes", type=int)
+    opt(g, "--synthetic-frames", "frames per synthetic video", type=int)
+    opt(g, "--resolution", "square crop size", type=int)
+    opt(g, "--clip-len", "frames per training clip", type=int)
+    g.add_argument("--eval-clip-len", type=int, default=None,
+                   help="frames per evaluation clip (default: --clip-len)")
+    opt(g, "--frame-stride", type=int)
+    opt(g, "--eval-clips-per-video", type=int)
+    opt(g, "--workers", "DataLoader workers", type=int)
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default=d.model, help="registry name (mobilenet_v1, resnet18, ...)")
-    g.add_argument("--width", type=float, default=d.width, help="width multiplier")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=d.lr_schedule)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    opt(g, "--model", "registry name (mobilenet_v1, resnet18, ...)")
+    opt(g, "--width", "width multiplier", type=float)
+    opt(g, "--epochs", type=int)
+    opt(g, "--batch-size", type=int)
+    opt(g, "--optimizer", choices=["sgd", "adamw"])
+    opt(g, "--lr", type=float)
+    opt(g, "--weight-decay", type=float)
+    opt(g, "--lr-schedule", choices=["cosine", "constant"])
+    opt(g, "--warmup-epochs", type=float)
     g = p.add_argument_group("sparsity")
-    g.add_argument("--sparsity-weight", type=float, default=d.sparsity_weight)
-    g.add_argument("--sparsity-schedule", choices=["constant", "linear", "sine"],
-                   default=d.sparsity_schedule)
-    g.add_argument("--threshold-init", type=float, default=d.threshold_init)
-    g.add_argument("--threshold-lr-mult", type=float, default=d.threshold_lr_mult)
-    g.add_argument("--granularity", choices=["layer", "channel", "neuron"], default=d.granularity)
+    opt(g, "--sparsity-weight", type=float)
+    opt(g, "--sparsity-schedule", choices=["constant", "linear", "sine"])
+    opt(g, "--threshold-init", type=float)
+    opt(g, "--threshold-lr-mult", type=float)
+    opt(g, "--granularity", choices=["layer", "channel", "neuron"])
 
 
-def _config_from_args(args):
+def _config_from_args(args, base=None):
+    """TrainConfig of the options given, on top of ``base`` (a saved config) or the defaults."""
     from .train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    kw["out"] = args.out or f"runs/{args.phase}"
+    kw["out"] = args.out or f"runs/{args.phase or (base.phase if base else 'baseline')}"
     kw["progress"] = not args.no_progress
-    return TrainConfig(**kw)
+    return dataclasses.replace(base, **kw) if base is not None else TrainConfig(**kw)
 
 
 def _cmd_train(args) -> int:
     from rich.console import Console
 
-    from .train import train
+    from .train import run_state, saved_config, train
 
-    cfg = _config_from_args(args)
-    result = train(cfg, resume=args.resume)
+    out = args.out or f"runs/{args.phase or 'baseline'}"
+    # --resume: start from the saved settings, so that only the options given can differ
+    base = saved_config(out) if args.resume and run_state(out) == "unfinished" else None
+    cfg = _config_from_args(args, base)
+    console = Console()
+    result = train(cfg, resume=args.resume, force=args.force, console=console)
     if result:
-        Console().print(
+        console.print(
             f"[bold]{cfg.phase}[/]: accuracy {100 * result['accuracy']:.2f}% (clip "
             f"{100 * result['clip_accuracy']:.2f}%), op_fraction {100 * result['op_fraction']:.2f}%"
-            f" → {cfg.out}/eval.json"
+            f" → {cfg.out}/eval.json", soft_wrap=True
         )
     return 0
 
@@ -90,17 +119,25 @@ def _cmd_eval(args) -> int:
     import torch
     from rich.console import Console
 
-    from .checkpoint import write_json_atomic
-    from .metrics import SparsityReport  # noqa: F401  (documented output format)
-    from .train import build_datasets, evaluate, load_model
+    from .checkpoint import check_classes, write_json_atomic
+    from .train import build_dataset, data_summary, evaluate, load_model, print_data_summary
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device is 'cuda' but no CUDA device is available; pass --device cpu "
+                         "(or auto)")
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, _ = load_model(args.checkpoint, map_location=device)
+    model, cfg, ckpt = load_model(args.checkpoint, map_location=device)
     overrides = {"data": args.data, "split": args.split, "cache_dir": args.cache_dir,
-                 "eval_clip_len": args.clip_len, "batch_size": args.batch_size}
+                 "eval_clip_len": args.clip_len, "batch_size": args.batch_size,
+                 "layout": args.layout, "splits_dir": args.splits_dir}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    _, eval_set, _ = build_datasets(cfg)
+    eval_set = build_dataset(cfg, False, clip_flag="--clip-len")
+    console = Console(stderr=True)  # stdout may carry the JSON
+    print_data_summary(console, data_summary(cfg, None, eval_set))
+    data = "the synthetic data" if cfg.data == "synthetic" else cfg.data
+    check_classes(ckpt, list(eval_set.class_names), what=f"checkpoint {args.checkpoint}",
+                  data=data)
     model.to(device)
     result = evaluate(model, eval_set, cfg, device)
     text = json.dumps(result, indent=2)
@@ -108,10 +145,10 @@ def _cmd_eval(args) -> int:
         write_json_atomic(result, args.out)
     else:
         print(text)
-    Console(stderr=True).print(
+    console.print(
         f"video accuracy {100 * result['video_accuracy']:.2f}%, clip accuracy "
         f"{100 * result['clip_accuracy']:.2f}%, op_fraction {100 * result['op_fraction']:.2f}% "
-        f"(op reduction {result['op_reduction']:.2f}x)"
+        f"(op reduction {result['op_reduction']:.2f}x)", soft_wrap=True
     )
     return 0
 
@@ -207,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="clip/video accuracy and sparsity report of a checkpoint")
     s.add_argument("--checkpoint", required=True, help="model.pt of a run")
     s.add_argument("--data", default=None, help="dataset (default: the run's own)")
-    s.add_argument("--split", type=int, default=None, choices=[1, 2, 3])
+    s.add_argument("--split", type=int, default=None,
+                   help="1..3 for UCF101, 1..5 for class folders (default: the run's)")
+    s.add_argument("--layout", default=None, choices=["auto", "ucf101", "folder"],
+                   help="dataset layout (default: the run's)")
+    s.add_argument("--splits-dir", default=None,
+                   help="folder holding classInd.txt and the UCF101 split lists")
     s.add_argument("--cache-dir", default=None)
     s.add_argument("--clip-len", type=int, default=None, help="frames per evaluation clip")
     s.add_argument("--batch-size", type=int, default=None)
@@ -252,20 +294,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong", each raised with a message that names the fix.
+    Anything else is a bug: one line too, but with the type and a pointer to ``-v``."""
+    from ._graph import FanOutError
+    from .data.errors import DatasetError
+    from .engine.plan import UnsupportedOpError
+
+    # KeyError: models.create's unknown-name error; OSError: missing files, full disks.
+    return (DatasetError, UnsupportedOpError, FanOutError, ValueError, OSError, ImportError,
+            KeyError)  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 unexpected error, 2 expected
+    error, 130 interrupted). ``-v`` re-raises errors with their traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 0
+    prefix = f"deltasparse {args.command}"
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"deltasparse {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        hint = "; continue with --resume" if args.command == "train" else ""
+        print(f"{prefix}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        if isinstance(exc, _expected_errors()):
+            print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"{prefix}: unexpected error {type(exc).__name__}: {_one_line(exc)} (run with -v "
+              "for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
 Writes the synthetic action dataset to disk as real ``.mp4`` files in the UCF101 layout (so the
 real loader and its frame cache are exercised), trains ``baseline`` → ``l1`` → ``delta`` on the
-CPU, prints a comparison table and writes ``summary.json`` and an HTML report.
+CPU, prints a comparison table and writes ``summary.json`` and an HTML report. Run again into
+the same folder, it reuses finished phases (their ``eval.json``), resumes an interrupted one
+and trains the rest; a phase folder holding a run with other settings is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
 
 from .checkpoint import write_json_atomic
-from .train import TrainConfig, train
+from .train import TrainConfig, config_changes, describe_changes, run_state, saved_config, train
 
 __all__ = ["DEMO_SETTINGS", "run_demo"]
 
@@ -61,6 +64,29 @@ def _summarise(result: dict) -> dict:
     return {k: result.get(k) for k in keys}
 
 
+def _finished_result(cfg: TrainConfig) -> dict:
+    """The ``eval.json`` of a finished phase, if it was run with exactly these settings."""
+    changes = config_changes(saved_config(cfg.out), cfg)
+    if changes:
+        raise ValueError(
+            f"demo: {cfg.out} holds a finished {cfg.phase} run with other settings "
+            f"({describe_changes(changes)}); pass another --out (or delete {cfg.out})")
+    path = Path(cfg.out) / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"demo: {path} is missing although {cfg.out} has model.pt; "
+                                f"delete {cfg.out} to train the {cfg.phase} phase again")
+    return json.loads(path.read_text())
+
+
+def _run_phase(cfg: TrainConfig, console) -> dict:
+    state = run_state(cfg.out)
+    if state == "finished":
+        console.print(f"{cfg.phase}: finished earlier in {cfg.out}; reusing its eval.json",
+                      highlight=False)
+        return _finished_result(cfg)
+    return train(cfg, resume=state == "unfinished", console=console)
+
+
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: str = "cpu") -> dict:
     """Run the demo into ``out``; returns the summary (also ``out/summary.json``)."""
     from rich.console import Console
@@ -92,7 +118,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: str = "cp
             lr=s["lr"][phase], sparsity_weight=s["sparsity_weight"].get(phase, 0.0), **extra,
         )  # fmt: skip
         console.rule(f"[bold]{phase}")
-        results[phase] = train(cfg, resume=True)
+        results[phase] = _run_phase(cfg, console)
 
     l1, delta = results["l1"], results["delta"]
     reduction = l1["op_fraction"] / delta["op_fraction"] if delta["op_fraction"] else float("inf")

@@ -4,6 +4,13 @@
 (DeltaActivation refinement from the l1 run, short training clips, longer evaluation clips);
 ``delta_scratch`` trains with delta layers from the start. Single process, or several through
 ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPU).
+
+**Run folders.** ``train`` checks the configuration and the data before it writes anything,
+so a run that fails to start leaves the folder as it was. It never overwrites a finished run
+(a folder with ``model.pt``) or an unfinished one (``checkpoint.pt``) unless ``force=True``
+(``--force``), which clears the old files first. ``resume=True`` (``--resume``) continues from
+``checkpoint.pt`` and refuses settings that differ from the saved ones, except
+:data:`RESUME_MAY_CHANGE` (how the run executes, not what it computes).
 """
 
 from __future__ import annotations
@@ -26,18 +33,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
-from .checkpoint import load_checkpoint, load_model, save_atomic, write_json_atomic
+from .checkpoint import (
+    check_classes,
+    load_checkpoint,
+    load_model,
+    save_atomic,
+    write_json_atomic,
+)
 from .convert import DeltaConfig, convert
 from .layers import VideoModel, sparsity_layers
 from .losses import make_schedule, set_sparsity_weight, sparsity_loss
 from .metrics import measure
 
-__all__ = ["PHASES", "TrainConfig", "build_model", "evaluate", "load_model", "train"]
+__all__ = [
+    "PHASES",
+    "RESUME_MAY_CHANGE",
+    "TrainConfig",
+    "build_dataset",
+    "build_datasets",
+    "build_model",
+    "config_changes",
+    "data_summary",
+    "evaluate",
+    "load_model",
+    "print_data_summary",
+    "run_state",
+    "saved_config",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
 PHASES = ("baseline", "l1", "delta", "delta_scratch")
 _LAYER_KIND = {"l1": "l1", "delta": "delta", "delta_scratch": "delta"}
+#: TrainConfig fields a resumed run may change: they alter how it runs, not what it computes.
+RESUME_MAY_CHANGE = ("progress", "workers", "device", "cache_dir", "out")
+MAX_SPLIT = 5  # plain folders have splits 1..5, UCF101 1..3 (checked by the layout)
+MIN_RESOLUTION = 8
+_RUN_FILES = ("model.pt", "checkpoint.pt", "eval.json", "metrics.json", "metrics.csv",
+              "config.json")  # fmt: skip
 
 
 @dataclass
@@ -51,6 +85,8 @@ class TrainConfig:
     # data
     data: str = "synthetic"  # "synthetic" or a folder (UCF101 layout or class folders)
     split: int = 1
+    layout: str = "auto"  # "auto", "ucf101" or "folder" (see deltasparse.data.layout)
+    splits_dir: str | None = None  # folder holding classInd.txt and the split lists
     cache_dir: str | None = None
     synthetic_videos: int = 300
     synthetic_classes: int = 10
@@ -87,15 +123,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        if self.clip_len < 1 or (self.phase != "baseline" and self.clip_len < 2
-                                 and _LAYER_KIND.get(self.phase) == "delta"):
-            raise ValueError("delta training needs clip_len >= 2 (deltas need two frames)")
+        _validate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +132,177 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Every field checked up front, so that a bad value fails before any file is written."""
+    from .data.layout import LAYOUTS
+    from .data.synthetic import MAX_CLASSES
+
+    choices = {
+        "phase": PHASES, "optimizer": ("sgd", "adamw"), "amp": (None, "bf16"),
+        "lr_schedule": ("cosine", "constant"), "sparsity_schedule": ("constant", "linear", "sine"),
+        "granularity": ("layer", "channel", "neuron"), "device": ("auto", "cpu", "cuda"),
+        "layout": LAYOUTS, "model": tuple(models.list_models()),
+    }  # fmt: skip
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} ({_flag(name)}) must be one of {shown}, got {value!r}; "
+                             f"pass {_flag(name)} with one of them")
+    delta = _LAYER_KIND.get(cfg.phase) == "delta"
+    min_clip = 2 if delta else 1
+    why_clip = " (delta training needs clip_len >= 2: deltas need two frames)" if delta else ""
+    # (field, ok, expected, example value for the fix)
+    checks = [
+        ("split", _is_int(cfg.split) and 1 <= cfg.split <= MAX_SPLIT,
+         f"an integer in 1..{MAX_SPLIT} (UCF101: 1..3)", 1),
+        ("resolution", _is_int(cfg.resolution) and cfg.resolution >= MIN_RESOLUTION,
+         f"an integer >= {MIN_RESOLUTION} (pixels of the square crop)", 64),
+        ("resize", cfg.resize is None or (_is_int(cfg.resize) and cfg.resize >= cfg.resolution),
+         f"unset or an integer >= resolution ({cfg.resolution}), the short side before "
+         "cropping", round(cfg.resolution * 8 / 7) if _is_int(cfg.resolution) else 64),
+        ("clip_len", _is_int(cfg.clip_len) and cfg.clip_len >= min_clip,
+         f"an integer >= {min_clip}{why_clip}", 4),
+        ("eval_clip_len",
+         cfg.eval_clip_len is None or (_is_int(cfg.eval_clip_len) and cfg.eval_clip_len >= min_clip),
+         f"unset or an integer >= {min_clip}{why_clip}", 8),
+        ("frame_stride", _is_int(cfg.frame_stride) and cfg.frame_stride >= 1, "an integer >= 1", 1),
+        ("eval_clips_per_video", _is_int(cfg.eval_clips_per_video) and cfg.eval_clips_per_video >= 1,
+         "an integer >= 1", 2),
+        ("workers", _is_int(cfg.workers) and cfg.workers >= 0, "an integer >= 0", 0),
+        ("width", isinstance(cfg.width, (int, float)) and cfg.width > 0, "a number > 0", 0.5),
+        ("epochs", _is_int(cfg.epochs) and cfg.epochs >= 1, "an integer >= 1", 10),
+        ("batch_size", _is_int(cfg.batch_size) and cfg.batch_size >= 1, "an integer >= 1", 16),
+        ("lr", isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0,
+         "a finite number > 0", 2e-3),
+        ("momentum", isinstance(cfg.momentum, (int, float)) and 0 <= cfg.momentum < 1,
+         "a number in [0, 1)", 0.9),
+        ("weight_decay", isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0,
+         "a number >= 0", 1e-4),
+        ("warmup_epochs", isinstance(cfg.warmup_epochs, (int, float)) and cfg.warmup_epochs >= 0,
+         "a number >= 0", 0),
+        ("sparsity_weight",
+         isinstance(cfg.sparsity_weight, (int, float)) and cfg.sparsity_weight >= 0,
+         "a number >= 0", 1e-3),
+        ("threshold_init", isinstance(cfg.threshold_init, (int, float)) and cfg.threshold_init > 0,
+         "a number > 0", 0.05),
+        ("threshold_lr_mult",
+         isinstance(cfg.threshold_lr_mult, (int, float)) and cfg.threshold_lr_mult >= 0,
+         "a number >= 0", 1.0),
+        ("seed", _is_int(cfg.seed) and cfg.seed >= 0, "an integer >= 0", 0),
+        ("data", isinstance(cfg.data, str) and cfg.data.strip() != "",
+         "'synthetic' or a dataset folder", "synthetic"),
+    ]
+    if cfg.data == "synthetic":
+        checks += [
+            ("synthetic_classes",
+             _is_int(cfg.synthetic_classes) and 1 <= cfg.synthetic_classes <= MAX_CLASSES,
+             f"an integer in 1..{MAX_CLASSES} (one per motion)", 10),
+            ("synthetic_videos", _is_int(cfg.synthetic_videos)
+             and cfg.synthetic_videos >= cfg.synthetic_classes,
+             f"an integer >= synthetic_classes ({cfg.synthetic_classes}), so that every class "
+             "has a training video", 300),
+            ("synthetic_frames", _is_int(cfg.synthetic_frames) and cfg.synthetic_frames >= 1,
+             "an integer >= 1", 16),
+        ]
+    for name, ok, expected, example in checks:
+        if not ok:
+            raise ValueError(f"{name} ({_flag(name)}) must be {expected}, got "
+                             f"{getattr(cfg, name)!r}; pass e.g. {_flag(name)} {example}")
+
+
+# -- run folders ------------------------------------------------------------------------------
+def run_state(out: str | Path) -> str:
+    """``"finished"`` (``model.pt``), ``"unfinished"`` (``checkpoint.pt`` only) or ``"new"``."""
+    out = Path(out)
+    if (out / "model.pt").is_file():
+        return "finished"
+    if (out / "checkpoint.pt").is_file():
+        return "unfinished"
+    return "new"
+
+
+def saved_config(out: str | Path) -> TrainConfig | None:
+    """The configuration of the run in ``out`` (from its checkpoint), or None if it has none."""
+    out = Path(out)
+    state = run_state(out)
+    if state == "new":
+        return None
+    ckpt = load_checkpoint(out / ("model.pt" if state == "finished" else "checkpoint.pt"))
+    return TrainConfig.from_dict(ckpt["config"])
+
+
+def config_changes(saved: TrainConfig, cfg: TrainConfig,
+                   allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> dict[str, tuple]:
+    """``{field: (saved value, new value)}`` for the fields that differ, ``allowed`` aside."""
+    a, b = saved.to_dict(), cfg.to_dict()
+    return {k: (a[k], b[k]) for k in a if k not in allowed and a[k] != b[k]}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in changes.items())
+
+
+def _check_run_folder(cfg: TrainConfig, *, resume: bool, force: bool) -> dict | None:
+    """Refuse to clobber a run; for ``resume``, the checkpoint to continue from."""
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if resume and force:
+        raise ValueError(f"--resume and --force contradict each other: --resume continues the "
+                         f"run in {out}, --force starts it again from scratch; pass only one")
+    state = run_state(out)
+    if resume:
+        if state == "finished":
+            raise FileExistsError(
+                f"--resume: the run in {out} is finished (it has model.pt), nothing to resume; "
+                f"evaluate it with `deltasparse eval --checkpoint {out / 'model.pt'}`, or drop "
+                "--resume and pass --force to train it again from scratch")
+        if state == "new":
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {ckpt_path} to resume from; drop --resume to start "
+                f"a fresh run in {out}, or pass the --out of the run to continue")
+        ckpt = load_checkpoint(ckpt_path)
+        changes = config_changes(TrainConfig.from_dict(ckpt["config"]), cfg)
+        if changes:
+            raise ValueError(
+                f"--resume: the settings differ from the run saved in {ckpt_path} "
+                f"({describe_changes(changes)}); resume with the saved settings, or start a new "
+                f"run with another --out (only {', '.join(RESUME_MAY_CHANGE)} may change)")
+        return ckpt
+    if state == "finished" and not force:
+        raise FileExistsError(
+            f"{out} already holds a finished run (model.pt); pass --force to train it again from "
+            "scratch (its model.pt, checkpoint.pt, eval.json and metrics are replaced), or "
+            "choose another --out")
+    if state == "unfinished" and not force:
+        ckpt = load_checkpoint(ckpt_path)
+        total = TrainConfig.from_dict(ckpt["config"]).epochs
+        raise FileExistsError(
+            f"{out} holds the checkpoint of an unfinished run ({ckpt['epoch'] + 1} of {total} "
+            "epochs done); pass --resume to continue it, --force to start it again from "
+            "scratch, or choose another --out")
+    return None
+
+
+def _clear_run(out: Path) -> None:
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _say(console, text: str) -> None:
+    log.info("%s", text)
+    if console is not None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 # -- distributed ------------------------------------------------------------------------------
@@ -121,7 +320,8 @@ def _setup_device(cfg: TrainConfig) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        raise ValueError("device (--device) is 'cuda' but no CUDA device is available; pass "
+                         "--device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if want == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -136,40 +336,117 @@ def _is_main() -> bool:
 
 
 # -- data ---------------------------------------------------------------------------------------
+def build_dataset(cfg: TrainConfig, train: bool, *, clip_flag: str | None = None):
+    """The training or evaluation set of ``cfg.data``, checked: every clip length must fit in
+    at least one video. ``clip_flag`` names the option to change in that error."""
+    from . import data
+    from .data import synthetic as _syn
+
+    clip_len = cfg.clip_len if train else (cfg.eval_clip_len or cfg.clip_len)
+    if cfg.data == "synthetic":
+        common = dict(num_classes=cfg.synthetic_classes, frames=cfg.synthetic_frames,
+                      size=(cfg.resolution, cfg.resolution), seed=cfg.seed,
+                      clip_stride=cfg.frame_stride, cache=True)  # fmt: skip
+        if train:
+            ds = _syn.SyntheticActions(num_videos=cfg.synthetic_videos, split="train",
+                                       clip_len=clip_len, **common)  # fmt: skip
+        else:
+            n_test = max(cfg.synthetic_videos // 4, cfg.synthetic_classes)
+            ds = _syn.SyntheticActions(num_videos=n_test, split="test", clip_len=clip_len,
+                                       **common)  # fmt: skip
+        longest, what = cfg.synthetic_frames, "the synthetic videos"
+    else:
+        ds = data.VideoFolder(
+            cfg.data, train=train, clip_len=clip_len, split=cfg.split, layout=cfg.layout,
+            splits_dir=cfg.splits_dir, frame_stride=cfg.frame_stride,
+            crop=(cfg.resolution, cfg.resolution),
+            resize=cfg.resize or int(round(cfg.resolution * 8 / 7)), cache_dir=cfg.cache_dir,
+            seed=cfg.seed, clips_per_video=1 if train else cfg.eval_clips_per_video,
+        )  # fmt: skip
+        longest = ds.longest_video
+        what = f"the {'train' if train else 'test'} split {cfg.split} of {cfg.data}"
+    span = (clip_len - 1) * cfg.frame_stride + 1
+    if longest and longest < span:
+        flag = clip_flag or ("--clip-len" if train or not cfg.eval_clip_len else "--eval-clip-len")
+        fits = (longest - 1) // cfg.frame_stride + 1
+        raise data.DatasetError(
+            f"{'training' if train else 'evaluation'} clips of {clip_len} frames (frame_stride "
+            f"{cfg.frame_stride}: {span} frames of video) do not fit in any video of {what} "
+            f"(the longest has {longest} frames); pass {flag} {fits} or less")
+    return ds
+
+
 def build_datasets(cfg: TrainConfig):
     """``(train_set, eval_set, num_classes)`` for ``cfg.data``."""
-    from . import data
-    from .data import synthetic as _syn  # noqa: F401
+    train = build_dataset(cfg, True)
+    test = build_dataset(cfg, False)
+    if [c.lower() for c in train.class_names] != [c.lower() for c in test.class_names]:
+        raise ValueError(f"the train and test sets of {cfg.data} have different classes "
+                         f"({train.class_names} vs {test.class_names}); check the split files")
+    return train, test, len(train.class_names)
 
-    eval_t = cfg.eval_clip_len or cfg.clip_len
+
+def _per_class(ds) -> list[int]:
+    if hasattr(ds, "class_counts"):
+        return ds.class_counts()
+    counts = [0] * len(ds.class_names)
+    for label in ds.labels:
+        counts[label] += 1
+    return counts
+
+
+def data_summary(cfg: TrainConfig, train_set, eval_set) -> dict:
+    """What the run reads: the split rule and videos per class (``train_set`` may be None)."""
     if cfg.data == "synthetic":
-        common = dict(
-            num_classes=cfg.synthetic_classes,
-            frames=cfg.synthetic_frames,
-            size=(cfg.resolution, cfg.resolution),
-            seed=cfg.seed,
-            clip_stride=cfg.frame_stride,
-            cache=True,
-        )
-        n_test = max(cfg.synthetic_videos // 4, cfg.synthetic_classes)
-        train = _syn.SyntheticActions(
-            num_videos=cfg.synthetic_videos, split="train", clip_len=cfg.clip_len, **common
-        )
-        test = _syn.SyntheticActions(num_videos=n_test, split="test", clip_len=eval_t, **common)
-        return train, test, cfg.synthetic_classes
-    common = dict(
-        split=cfg.split,
-        frame_stride=cfg.frame_stride,
-        crop=(cfg.resolution, cfg.resolution),
-        resize=cfg.resize or int(round(cfg.resolution * 8 / 7)),
-        cache_dir=cfg.cache_dir,
-        seed=cfg.seed,
-    )
-    train = data.VideoFolder(cfg.data, train=True, clip_len=cfg.clip_len, **common)
-    test = data.VideoFolder(
-        cfg.data, train=False, clip_len=eval_t, clips_per_video=cfg.eval_clips_per_video, **common
-    )
-    return train, test, train.num_classes
+        rule = (f"synthetic videos (seed {cfg.seed}, {cfg.synthetic_frames} frames): "
+                f"{cfg.synthetic_videos} train and {len(eval_set)} test videos, rendered "
+                "separately; label = index % classes")
+    else:
+        rule = eval_set.split_rule
+    return {
+        "data": cfg.data,
+        "layout": getattr(eval_set, "layout", "synthetic"),
+        "rule": rule,
+        "classes": list(eval_set.class_names),
+        "train": _per_class(train_set) if train_set is not None else None,
+        "test": _per_class(eval_set),
+        "skipped": {"train": int(getattr(train_set, "num_skipped", 0)),
+                    "test": int(getattr(eval_set, "num_skipped", 0))},
+        "warning": getattr(eval_set, "layout_warning", None),
+    }
+
+
+def print_data_summary(console, summary: dict, *, max_rows: int = 20) -> None:
+    """The summary as a small table (one row per class, or min/max when there are many)."""
+    from rich.table import Table
+
+    log.info("data: %s", json.dumps(summary))
+    if console is None:
+        return
+    names, train, test = summary["classes"], summary["train"], summary["test"]
+    cols = [("train", train), ("test", test)] if train is not None else [("test", test)]
+    console.print(f"data {summary['data']}: {summary['rule']}", highlight=False, markup=False,
+                  soft_wrap=True)
+    t = Table(box=None, padding=(0, 2), show_edge=False)
+    t.add_column(f"class ({len(names)})")
+    for col, _ in cols:
+        t.add_column(f"{col} videos", justify="right")
+    if len(names) <= max_rows:
+        for i, name in enumerate(names):
+            t.add_row(name, *(str(c[i]) for _, c in cols))
+    else:
+        for label, pick in (("fewest", min), ("most", max)):
+            t.add_row(f"{label} per class", *(
+                f"{pick(c)} ({names[c.index(pick(c))]})" for _, c in cols))
+    t.add_row("total", *(str(sum(c)) for _, c in cols), style="bold")
+    console.print(t)
+    skipped = summary["skipped"]
+    if skipped["train"] or skipped["test"]:
+        console.print(f"skipped unreadable videos: {skipped['train']} train, {skipped['test']} "
+                      "test (see the warnings)", highlight=False, markup=False, soft_wrap=True)
+    if summary["warning"]:
+        console.print(f"[yellow]warning:[/] {summary['warning']}", highlight=False,
+                      soft_wrap=True)
 
 
 def _loader(dataset, cfg: TrainConfig, *, train: bool, epoch: int = 0):
@@ -210,8 +487,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> VideoModel:
     return VideoModel(frame)
 
 
-def _init_from(model: VideoModel, path: str) -> None:
+def _init_from(model: VideoModel, path: str, class_names: list[str], data: str) -> None:
     ckpt = load_checkpoint(path)
+    check_classes(ckpt, class_names, what=f"--init-from {path}", data=data)
     try:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -228,11 +506,18 @@ def _init_from(model: VideoModel, path: str) -> None:
         )
 
 
-def _materialise(model: VideoModel, sample: torch.Tensor) -> None:
+def _materialise(model: VideoModel, sample: torch.Tensor, cfg: TrainConfig) -> None:
     """One forward so that lazily created thresholds exist before the optimizer is built."""
     with torch.no_grad():
         model.eval()
-        model(sample)
+        try:
+            model(sample)
+        except RuntimeError as exc:  # typically "output size is too small"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"model {cfg.model} cannot run on {cfg.resolution}x{cfg.resolution} frames "
+                f"(--resolution {cfg.resolution}): {first}; pass a larger --resolution"
+            ) from exc
         model.train()
 
 
@@ -339,27 +624,41 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False):
+def _data_name(cfg: TrainConfig) -> str:
+    return "the synthetic data" if cfg.data == "synthetic" else str(cfg.data)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
+          return_model: bool = False, console=None):
     """Run one phase; returns the final evaluation dict (also written to ``eval.json``).
+
+    Everything is checked before the run folder is touched: the folder's state (see the module
+    docstring: ``resume`` continues ``checkpoint.pt``, ``force`` replaces a run), the
+    configuration, the data and the model. ``console`` (a ``rich.console.Console``) receives
+    the data summary and the resume line, which are also logged.
 
     Only rank 0 evaluates and writes files; other ranks return ``{}``. With
     ``return_model=True`` it returns ``(result, model)``.
     """
+    resumed = _check_run_folder(cfg, resume=resume, force=force)
     device = _setup_device(cfg)
     rank, world, _ = _dist_info()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
-    if _is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.to_dict(), out / "config.json")
     _seed_everything(cfg.seed)
     train_set, eval_set, num_classes = build_datasets(cfg)
+    class_names = list(train_set.class_names)
+    if _is_main():
+        print_data_summary(console, data_summary(cfg, train_set, eval_set))
     model = build_model(cfg, num_classes)
     if cfg.init_from:
-        _init_from(model, cfg.init_from)
+        _init_from(model, cfg.init_from, class_names, _data_name(cfg))
+    if resumed is not None:
+        check_classes(resumed, class_names, what=f"--resume checkpoint {ckpt_path}",
+                      data=_data_name(cfg))
     model.to(device)
     sample = train_set[0][0].unsqueeze(0).to(device)
-    _materialise(model, sample)
+    _materialise(model, sample, cfg)
     opt = _optimizer(cfg, model)
     steps_per_epoch = len(_loader(train_set, cfg, train=True))
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
@@ -368,16 +667,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False)
     weight_sched = make_schedule(cfg.sparsity_schedule, cfg.sparsity_weight, total_steps)
     history: list[dict] = []
     start_epoch = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
-        log.info("resumed %s at epoch %d", ckpt_path, start_epoch)
-    elif resume:
-        log.info("--resume: no checkpoint at %s yet, starting from scratch", ckpt_path)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])  # moves the state to the parameters' device
+        sched.load_state_dict(resumed["scheduler"])
+        history = resumed["history"]
+        start_epoch = resumed["epoch"] + 1
+        if _is_main():
+            rest = (f"continuing with epoch {start_epoch + 1}" if start_epoch < cfg.epochs
+                    else "training is complete; evaluating")
+            _say(console, f"resumed {ckpt_path} after epoch {start_epoch} of {cfg.epochs}: "
+                          f"{rest}")
+    if _is_main():  # everything checked: only now touch the run folder
+        if force:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.to_dict(), out / "config.json")
 
     net: nn.Module = model
     if world > 1:
@@ -454,6 +759,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False)
                 "history": history,
                 "config": cfg.to_dict(),
                 "num_classes": num_classes,
+                "class_names": class_names,
             }
             save_atomic(state, ckpt_path)
             log.info("epoch %d: %s", epoch, json.dumps(row))
@@ -468,9 +774,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, return_model: bool = False)
         result["train_skipped_videos"] = int(getattr(train_set, "num_skipped", 0))
         write_json_atomic(result, out / "eval.json")
         save_atomic(
-            {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": num_classes},
+            {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": num_classes,
+             "class_names": class_names},
             out / "model.pt",
-        )
+        )  # fmt: skip
     return (result, model) if return_model else result
 
 

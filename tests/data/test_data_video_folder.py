@@ -192,3 +192,103 @@ def test_empty_class_folder_is_an_error(ucf_copy, tmp_path):
     shutil.copy(next((root / "MoveRight").iterdir()), plain / "a")
     with pytest.raises(DatasetError, match=str(plain / "b")):
         VideoFolder(plain)
+
+
+# -- checks that turn wrong-but-plausible data into errors or warnings -----------------------
+def test_class_whose_videos_are_all_corrupt_is_an_error_naming_its_folder(ucf_copy):
+    root, written, _ = ucf_copy
+    folder = root / "MoveRight"
+    test_files = set(written.test_files[1])
+    for rel in written.files:  # every training video of one class becomes garbage
+        if rel.startswith("MoveRight/") and rel not in test_files:
+            (root / rel).write_bytes(b"not a video" * 100)
+    with pytest.warns(CorruptVideoWarning), pytest.raises(DatasetError) as err:
+        VideoFolder(root, train=True, clip_len=2)
+    msg = str(err.value)
+    assert f"class folder {folder} has no readable video" in msg
+    assert "train split 1" in msg and "replace them, or remove the class" in msg
+    assert VideoFolder(root, train=False, clip_len=2).class_counts() == [1, 1, 1]
+
+
+def test_plain_folder_class_with_only_corrupt_videos_is_an_error(ucf, tmp_path):
+    root, written, _ = ucf
+    plain = tmp_path / "plain"
+    for cls in ("a", "b"):
+        (plain / cls).mkdir(parents=True)
+    for i, rel in enumerate(written.files[:6]):
+        shutil.copy(root / rel, plain / "a" / f"clip{i}{(root / rel).suffix}")
+    for i in range(6):
+        (plain / "b" / f"clip{i}.mp4").write_bytes(b"\0" * 500)
+    with pytest.warns(CorruptVideoWarning), pytest.raises(DatasetError,
+                                                          match=f"class folder {plain / 'b'} "):
+        VideoFolder(plain, train=True)
+
+
+def test_frame_counts_are_learnt_while_checking(ucf, tmp_path):
+    root, _, _ = ucf
+    probed = VideoFolder(root, train=False)
+    assert probed.frame_counts == [12] * len(probed.videos) and probed.longest_video == 12
+    stepped = VideoFolder(root, train=False, temporal_step=5)
+    assert stepped.frame_counts == [3] * len(stepped.videos)  # frames 0, 5, 10
+    cached = VideoFolder(root, train=False, temporal_step=5, cache_dir=tmp_path / "c")
+    assert cached.frame_counts == [3] * len(cached.videos)
+    unknown = VideoFolder(root, train=False, probe=False)
+    assert unknown.longest_video == 0
+
+
+def test_videos_shorter_than_the_clip_are_logged(ucf, caplog):
+    root, _, _ = ucf
+    with caplog.at_level("WARNING", logger="deltasparse.data.video_folder"):
+        VideoFolder(root, train=False, clip_len=6, frame_stride=2)  # span 11 <= 12: fits
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="deltasparse.data.video_folder"):
+        VideoFolder(root, train=False, clip_len=8, frame_stride=2)  # span 15 > 12
+    assert "3 of 3 videos" in caplog.text and "fewer than 15 frames" in caplog.text
+
+
+def test_ucf101_folder_without_class_index_warns_about_the_fallback(ucf_copy, caplog):
+    root, written, _ = ucf_copy
+    (root / "ucfTrainTestlist" / "classInd.txt").unlink()
+    with caplog.at_level("WARNING", logger="deltasparse.data.layout"):
+        ds = VideoFolder(root, train=False, probe=False)
+    assert ds.layout == "folder"
+    assert "looks like UCF101" in caplog.text and "classInd.txt" in caplog.text
+    assert "--splits-dir" in ds.layout_warning and "--layout folder" in ds.layout_warning
+    # Only the folder of split lists gone: the v_<Class>_gNN_cNN names still give it away.
+    shutil.rmtree(root / "ucfTrainTestlist")
+    again = VideoFolder(root, train=False, probe=False)
+    assert "named like UCF101's" in again.layout_warning
+    # Asked for explicitly, the plain-folder split is no surprise.
+    assert VideoFolder(root, train=False, probe=False, layout="folder").layout_warning is None
+
+
+def test_plain_folders_with_other_names_do_not_warn(ucf, tmp_path, caplog):
+    root, written, _ = ucf
+    plain = tmp_path / "plain"
+    for i, rel in enumerate(written.files):
+        (plain / rel.split("/")[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, plain / rel.split("/")[0] / f"clip{i}{(root / rel).suffix}")
+    with caplog.at_level("WARNING", logger="deltasparse.data.layout"):
+        ds = VideoFolder(plain, train=False, probe=False)
+    assert ds.layout_warning is None and not caplog.records
+    assert "(k + 1) % 5 == 0" in ds.split_rule
+
+
+def test_splits_each_layout_supports(ucf):
+    root, _, _ = ucf
+    with pytest.raises(DatasetError, match="official splits are 1, 2 and 3"):
+        VideoFolder(root, split=4, probe=False)
+    ds = VideoFolder(root, split=4, layout="folder", train=False, probe=False)
+    assert ds.split == 4 and "split 4 of 1..5" in ds.split_rule
+    with pytest.raises(DatasetError, match="splits are 1..5"):
+        VideoFolder(root, split=6, layout="folder", probe=False)
+    assert VideoFolder(root, train=False, probe=False).split_rule.startswith(
+        "UCF101 official split 1: trainlist01.txt / testlist01.txt")
+
+
+def test_missing_split_file_names_the_cli_options(ucf_copy):
+    root, _, _ = ucf_copy
+    (root / "ucfTrainTestlist" / "testlist01.txt").unlink()
+    with pytest.raises(DatasetError) as err:
+        VideoFolder(root, train=False)
+    assert "--splits-dir" in str(err.value) and "--layout folder" in str(err.value)

@@ -15,6 +15,11 @@ their UCF-style group tag (``_g08_``) when the name has one, else each video is 
 group, so clips of one group never straddle train and test. Within each class the sorted
 group keys are numbered ``k = 0, 1, ...``; key ``k`` belongs to the test set of split ``s``
 iff ``(k + s) % test_every == 0`` (about ``1/test_every`` of the groups).
+
+**auto** (``layout="auto"``, the default) picks UCF101 when ``classInd.txt`` is found, else
+plain folders. A folder that looks like UCF101 (``v_<Class>_gNN_cNN`` file names, or a
+``ucfTrainTestlist`` folder) but has no ``classInd.txt`` falls back to plain folders with a
+warning: that split is not the official one.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from .errors import DatasetError
 logger = logging.getLogger(__name__)
 
 SPLITS_FOLDER = "ucfTrainTestlist"
+UCF101_SPLITS = (1, 2, 3)
+LAYOUTS = ("auto", "ucf101", "folder")
 _GROUP = re.compile(r"_g(\d+)_c\d+", re.IGNORECASE)
+_UCF_NAME = re.compile(r"^v_.+_g\d+_c\d+$", re.IGNORECASE)
+_warned: set[str] = set()  # one fallback warning per root and process, not one per split
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,9 @@ def find_splits_dir(root: Path, splits_dir: str | Path | None = None) -> Path | 
     if splits_dir is not None:
         d = Path(splits_dir).expanduser()
         if not d.is_dir():
-            raise DatasetError(f"splits_dir {d} does not exist; pass the folder holding "
-                               "classInd.txt, trainlist01.txt and testlist01.txt")
+            raise DatasetError(f"splits_dir {d} does not exist or is not a folder; pass the "
+                               "folder holding classInd.txt, trainlist01.txt and testlist01.txt "
+                               "as --splits-dir (splits_dir=)")
         return d
     for d in (root / SPLITS_FOLDER, root, root.parent / SPLITS_FOLDER):
         if (d / "classInd.txt").is_file():
@@ -67,12 +77,57 @@ def find_splits_dir(root: Path, splits_dir: str | Path | None = None) -> Path | 
     return None
 
 
+def looks_like_ucf101(root: Path) -> str | None:
+    """Why ``root`` looks like a UCF101 folder (a reason for the user), or None."""
+    for d in (root / SPLITS_FOLDER, root.parent / SPLITS_FOLDER):
+        if d.is_dir():
+            return f"{d} exists"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir())[:5]:
+        for video in sorted(p for p in folder.iterdir() if _is_video(p))[:3]:
+            if _UCF_NAME.match(video.stem):
+                return f"its videos are named like UCF101's ({video.name})"
+    return None
+
+
+def fallback_warning(root: Path, layout: str, splits_dir: str | Path | None) -> str | None:
+    """Why ``layout="auto"`` should not have fallen back to plain folders here, or None."""
+    if layout != "auto" or find_splits_dir(root, splits_dir) is not None:
+        return None
+    why = looks_like_ucf101(root)
+    if why is None:
+        return None
+    return (f"{root} looks like UCF101 ({why}) but no classInd.txt is in {root / SPLITS_FOLDER}, "
+            f"{root} or {root.parent / SPLITS_FOLDER}: using the plain-folder split, NOT the "
+            "official one; pass --splits-dir (splits_dir=) with the folder holding "
+            "classInd.txt, or --layout folder (layout='folder') to accept this split")
+
+
 def resolve_layout(root: Path, layout: str, splits_dir: str | Path | None) -> str:
-    if layout not in ("auto", "ucf101", "folder"):
-        raise ValueError(f"layout must be 'auto', 'ucf101' or 'folder', got {layout!r}")
+    """``ucf101`` or ``folder`` for ``layout`` (``auto`` decides by looking for classInd.txt,
+    and logs :func:`fallback_warning` once per root)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'auto', 'ucf101' or 'folder', got {layout!r}; pass "
+                         "--layout auto, ucf101 or folder")
     if layout != "auto":
         return layout
-    return "ucf101" if find_splits_dir(root, splits_dir) is not None else "folder"
+    if find_splits_dir(root, splits_dir) is not None:
+        return "ucf101"
+    note = fallback_warning(root, layout, splits_dir)
+    if note is not None and str(root) not in _warned:
+        _warned.add(str(root))
+        logger.warning("%s", note)
+    return "folder"
+
+
+def split_rule(layout: str, split: int, test_every: int = 5,
+               splits_dir: Path | None = None) -> str:
+    """One line that says how the videos of ``split`` are divided into train and test."""
+    if layout == "ucf101":
+        where = f" in {splits_dir}" if splits_dir is not None else ""
+        return (f"UCF101 official split {split}: trainlist0{split}.txt / "
+                f"testlist0{split}.txt{where}")
+    return (f"class folders, split {split} of 1..{test_every}: within each class, group k "
+            f"(UCF _gNN_ tag, else one video) is tested iff (k + {split}) % {test_every} == 0")
 
 
 def check_root(root: str | Path) -> Path:
@@ -94,7 +149,9 @@ def _split_file(d: Path, name: str) -> Path:
         raise DatasetError(
             f"split file {path} is missing; extract the UCF101 split archive "
             f"(UCF101TrainTestSplits-RecognitionTask.zip) so that {d} holds classInd.txt, "
-            "trainlist0N.txt and testlist0N.txt, pass splits_dir=, or use layout='folder'")
+            "trainlist0N.txt and testlist0N.txt, pass the folder that holds them as "
+            "--splits-dir (splits_dir=), or use --layout folder (layout='folder') to split "
+            "the class folders without the official lists")
     return path
 
 
@@ -130,8 +187,10 @@ class _CaseInsensitiveFiles:
 def ucf101_index(root: Path, split: int, train: bool,
                  splits_dir: str | Path | None = None) -> SplitIndex:
     """Videos of UCF101 split ``split`` (1-3), train or test list."""
-    if split not in (1, 2, 3):
-        raise ValueError(f"UCF101 split must be 1, 2 or 3, got {split}")
+    if split not in UCF101_SPLITS:
+        raise DatasetError(f"split {split} does not exist in the UCF101 layout of {root}; its "
+                           "official splits are 1, 2 and 3: pass --split 1, 2 or 3 (or "
+                           "--layout folder, whose splits are 1..5)")
     d = find_splits_dir(root, splits_dir)
     if d is None:
         d = root / SPLITS_FOLDER  # for the error message
@@ -183,7 +242,8 @@ def folder_index(root: Path, split: int, train: bool, test_every: int = 5) -> Sp
     if test_every < 2:
         raise ValueError(f"test_every must be >= 2, got {test_every}")
     if not 1 <= split <= test_every:
-        raise ValueError(f"split must be in 1..test_every={test_every}, got {split}")
+        raise DatasetError(f"split {split} does not exist in the class-folder layout of {root}; "
+                           f"its splits are 1..{test_every}: pass --split 1 to {test_every}")
     class_dirs = sorted(p for p in root.iterdir()
                         if p.is_dir() and not p.name.startswith(".") and p.name != SPLITS_FOLDER)
     if not class_dirs:

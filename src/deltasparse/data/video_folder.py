@@ -29,16 +29,26 @@ Entries are raw uint8 frames, so budget the disk: UCF101 (about 2.5 M frames) ta
 **Bad files.** At construction every video is checked: decoded into the cache when there is
 one, else probed cheaply (``probe=False`` skips this). A corrupt or truncated file, or one the
 split lists but the disk lacks, is skipped with a ``CorruptVideoWarning`` and recorded in
-``dataset.skipped`` (paths) and ``dataset.num_skipped``, for the training summary. A file
-that only fails later, while training, is replaced by the next readable video and recorded
-the same way (in that process: DataLoader workers keep their own copy).
+``dataset.skipped`` (paths) and ``dataset.num_skipped``, for the training summary. A class
+left without a readable video by this is an error naming its folder (a model trained or
+evaluated without a class is wrong but plausible), as is a training split that lists no
+video of a class. A file that only fails later, while training, is replaced by the next
+readable video and recorded the same way (in that process: DataLoader workers keep their own
+copy).
+
+**Lengths.** The check also learns each video's frame count (``dataset.frame_counts``, after
+``temporal_step``; 0 where unknown, e.g. with ``probe=False``). Videos shorter than a clip's
+span are padded (see above) and logged as a warning; :attr:`longest_video` lets a caller
+refuse a clip length that no video fits.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,8 +60,18 @@ from torch.utils.data import Dataset
 from . import decode as _decode
 from .cache import FrameCache
 from .errors import CorruptVideoWarning, DatasetError, VideoDecodeError
-from .layout import VideoEntry, check_root, folder_index, resolve_layout, ucf101_index
-from .sampling import clip_indices, even_starts, random_start
+from .layout import (
+    SplitIndex,
+    VideoEntry,
+    check_root,
+    fallback_warning,
+    find_splits_dir,
+    folder_index,
+    resolve_layout,
+    split_rule,
+    ucf101_index,
+)
+from .sampling import clip_indices, clip_span, even_starts, random_start
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Size, crop_box, normalize_frames
 
 logger = logging.getLogger(__name__)
@@ -86,10 +106,16 @@ class VideoFolder(Dataset):
                              f"{temporal_step}")
         self.root = check_root(root)
         self.layout = resolve_layout(self.root, layout, splits_dir)
+        #: why ``layout="auto"`` should not have fallen back to plain folders (or None)
+        self.layout_warning: str | None = None
         if self.layout == "ucf101":
             index = ucf101_index(self.root, split, train, splits_dir)
+            self.split_rule = split_rule("ucf101", split,
+                                         splits_dir=find_splits_dir(self.root, splits_dir))
         else:
             index = folder_index(self.root, split, train, test_every)
+            self.split_rule = split_rule("folder", split, test_every)
+            self.layout_warning = fallback_warning(self.root, layout, splits_dir)
         self.class_names: list[str] = index.class_names
         self.split, self.train = split, train
         self.clip_len, self.frame_stride = clip_len, frame_stride
@@ -105,11 +131,17 @@ class VideoFolder(Dataset):
         self.skipped: list[Path] = []
         for path in index.missing:
             self._skip(path, "listed in the split file but not found on disk")
-        self.videos: list[VideoEntry] = self._scan(index.videos, probe, scan_workers)
+        scanned = self._scan(index.videos, probe, scan_workers)
+        self.videos: list[VideoEntry] = [entry for entry, _ in scanned]
+        self.frame_counts: list[int] = [n for _, n in scanned]
+        if not self.videos and not self.skipped:
+            raise DatasetError(f"the {self._part} holds no video ({self.split_rule}); pick "
+                               "another split, or add videos")
         if not self.videos:
-            raise DatasetError(f"no readable videos in {'train' if train else 'test'} split "
-                               f"{split} of {self.root} ({self.num_skipped} skipped); check "
-                               "the files and the split")
+            raise DatasetError(f"no readable videos in the {self._part} ({self.num_skipped} "
+                               "skipped, see the warnings); check the files and the split")
+        self._check_classes(index)
+        self._warn_short()
         self._bad: set[int] = set()
         n = 1 if train else clips_per_video
         self.clip_video: list[int] = [v for v in range(len(self.videos)) for _ in range(n)]
@@ -130,6 +162,48 @@ class VideoFolder(Dataset):
     def labels(self) -> list[int]:
         """Label of each video in ``self.videos``."""
         return [v.label for v in self.videos]
+
+    def class_counts(self) -> list[int]:
+        """Readable videos per class (index = label)."""
+        have = Counter(v.label for v in self.videos)
+        return [have[c] for c in range(self.num_classes)]
+
+    @property
+    def longest_video(self) -> int:
+        """Frames of the longest video (after ``temporal_step``); 0 when no length is known."""
+        return max(self.frame_counts, default=0)
+
+    @property
+    def _part(self) -> str:
+        return f"{'train' if self.train else 'test'} split {self.split} of {self.root}"
+
+    def _check_classes(self, index: SplitIndex) -> None:
+        for label, count in enumerate(self.class_counts()):
+            if count:
+                continue
+            name = self.class_names[label]
+            lost = [p for p in self.skipped if p.parent.name.lower() == name.lower()]
+            if lost:
+                raise DatasetError(
+                    f"class folder {lost[0].parent} has no readable video in the {self._part}: "
+                    f"all {len(lost)} of its videos there are corrupt or missing (see the "
+                    "warnings); re-encode or replace them, or remove the class")
+            if self.train:
+                raise DatasetError(
+                    f"class {name!r} has no video in the {self._part}; a model cannot learn a "
+                    f"class it never sees: add videos to {self.root / name} or pick another "
+                    "split")
+            logger.warning("class %r has no video in the %s; its accuracy is not measured",
+                           name, self._part)
+
+    def _warn_short(self) -> None:
+        span = clip_span(self.clip_len, self.frame_stride)
+        short = sum(0 < n < span for n in self.frame_counts)
+        if short:
+            logger.warning(
+                "%d of %d videos in the %s have fewer than %d frames (clip_len %d, "
+                "frame_stride %d); their clips repeat the last frame", short, len(self.videos),
+                self._part, span, self.clip_len, self.frame_stride)
 
     def video_index(self, i: int) -> int:
         """Index into ``self.videos`` of the video that item ``i`` is a clip of."""
@@ -152,32 +226,31 @@ class VideoFolder(Dataset):
     def _decode(self, path: Path) -> np.ndarray:
         return _decode.decode_video(path, size=self.resize, step=self.temporal_step)
 
-    def _check(self, entry: VideoEntry) -> str | None:
-        """None if the video is usable, else why not."""
+    def _check(self, entry: VideoEntry) -> tuple[str | None, int]:
+        """``(None, frames)`` if the video is usable (frames 0: unknown), else ``(why, 0)``."""
         try:
             if self.cache is not None:
-                self.cache.get(entry.path, self._decode)
-            else:
-                _decode.probe_video(entry.path)
+                return None, len(self.cache.get(entry.path, self._decode))
+            declared = _decode.probe_video(entry.path).declared_frames
         except VideoDecodeError as exc:
-            return exc.reason
-        return None
+            return exc.reason, 0
+        return None, math.ceil(declared / self.temporal_step)
 
     def _scan(self, entries: list[VideoEntry], probe: bool,
-              workers: int | None) -> list[VideoEntry]:
+              workers: int | None) -> list[tuple[VideoEntry, int]]:
         if self.cache is None and not probe:
-            return list(entries)
+            return [(entry, 0) for entry in entries]
         workers = workers or min(8, os.cpu_count() or 1)
         what = "decoding into the cache" if self.cache is not None else "probing"
         logger.info("%s %d videos under %s", what, len(entries), self.root)
-        good: list[VideoEntry] = []
+        good: list[tuple[VideoEntry, int]] = []
         step = max(1, len(entries) // 10)
         # FFmpeg releases the GIL while decoding, so threads overlap the work.
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = pool.map(self._check, entries)
-            for k, (entry, reason) in enumerate(zip(entries, reasons, strict=True)):
+            results = pool.map(self._check, entries)
+            for k, (entry, (reason, frames)) in enumerate(zip(entries, results, strict=True)):
                 if reason is None:
-                    good.append(entry)
+                    good.append((entry, frames))
                 else:
                     self._skip(entry.path, reason)
                 if len(entries) > 50 and (k + 1) % step == 0:
