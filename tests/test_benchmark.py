@@ -1,31 +1,93 @@
-"""run_bench on a tiny configuration and the tables that print it."""
+"""run_bench: the achieved density is the calibrated one and near the target where the stream
+can reach it; the headline speedup is against the fused dense baseline."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
-import torch
+from rich.console import Console
 
-import deltasparse as ds
-from deltasparse.benchmark import run_bench
-from deltasparse.data.streams import synthetic_stream
-from deltasparse.printing import StreamProgress, bench_table, stats_table
+from deltasparse.benchmark import _calibrate, build_bench_model, run_bench
+from deltasparse.printing import bench_markdown, bench_table
 
 
-def test_run_bench_tiny_and_tables():
-    res = run_bench(resolutions=((32, 48),), threads=(1,), densities=(0.5, 1.0), frames=2)
-    assert len(res["rows"]) == 2
-    for r in res["rows"]:
-        assert r["dense_ms"] > 0 and r["delta_ms"] > 0
-        assert r["ideal_speedup"] >= 1.0 and 0 < r["density"] <= 1.0
-        assert r["ratio"] == pytest.approx(r["achieved_speedup"] / r["ideal_speedup"])
-    json.dumps(res)
-    assert bench_table(res).row_count == 2
-    eng = ds.DeltaEngine(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU()).eval())
-    for f in synthetic_stream(3, (1, 3, 8, 8)):
-        eng.step(f)
-    assert stats_table(eng.stats).row_count == len(eng.stats.layers)
-    assert stats_table(eng.stats.to_dict(), top=2).row_count == 2
-    with StreamProgress(total=1) as p:
-        p({"time_ms": 1.0, "density": 0.5})
+def _render(table, width: int = 80) -> str:
+    console = Console(width=width, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    caplog_records = []
+    handler = logging.Handler()
+    handler.emit = caplog_records.append
+    logging.getLogger("deltasparse.benchmark").addHandler(handler)
+    try:
+        res = run_bench(models=("convnet", "mobilenet_v1"), resolutions=((96, 128),),
+                        threads=(1,), densities=(0.1, 0.3, 1.0), frames=3)  # fmt: skip
+    finally:
+        logging.getLogger("deltasparse.benchmark").removeHandler(handler)
+    return res, [r.getMessage() for r in caplog_records]
+
+
+def test_achieved_density_is_the_calibrated_one_and_tracks_the_target(bench):
+    res, _ = bench
+    rows = {(r["model"], r["target_density"]): r for r in res["rows"]}
+    assert len(rows) == 6
+    for (_, target), r in rows.items():
+        if target < 1.0:
+            # measured on the very frames that are timed: equal, not just close
+            assert r["density"] == r["calibrated_density"]
+        assert r["dense_ms"] > 0 and r["delta_ms"] > 0 and r["fused_dense_ms"] > 0
+        assert r["speedup_vs_fused_dense"] == pytest.approx(r["fused_dense_ms"] / r["delta_ms"])
+        assert r["achieved_speedup"] == pytest.approx(r["dense_ms"] / r["delta_ms"])
+        assert r["frames_timed"] == 3 and r["top1_agreement"] == 1.0
+    # the small convnet can reach both targets at 96x128
+    for target in (0.1, 0.3):
+        assert rows["convnet", target]["density"] == pytest.approx(target, rel=0.15)
+    assert rows["convnet", 1.0]["density"] > 0.97
+    assert rows["convnet", 0.1]["object_size"] < rows["convnet", 0.3]["object_size"]
+
+
+def test_out_of_reach_targets_are_reported(bench):
+    res, messages = bench
+    low = [r for r in res["rows"] if r["model"] == "mobilenet_v1" and r["target_density"] < 1]
+    # at 96x128 one moving object reaches most of MobileNet's deep layers: >= ~50% density
+    assert all(r["density"] > 0.4 for r in low)
+    assert any("mobilenet_v1 at 96x128: density target 10% is out of reach" in m
+               for m in messages)  # fmt: skip
+    assert not any("convnet" in m for m in messages)
+
+
+def test_calibration_bisects_towards_the_target():
+    model = build_bench_model("convnet")
+    size_lo, d_lo = _calibrate(model, (96, 128), 0.1, frames=3, batch=1, seed=2)
+    size_hi, d_hi = _calibrate(model, (96, 128), 0.3, frames=3, batch=1, seed=2)
+    assert size_lo < size_hi and d_lo < d_hi
+    assert d_lo == pytest.approx(0.1, rel=0.15) and d_hi == pytest.approx(0.3, rel=0.15)
+    # a target below what the smallest objects give returns that end at once
+    assert _calibrate(model, (96, 128), 1e-4, frames=3, batch=1, seed=2)[0] == pytest.approx(0.004)
+
+
+def test_table_headline_is_against_the_fused_dense_baseline(bench):
+    res, _ = bench
+    json.dumps(res, allow_nan=False)
+    text = _render(bench_table(res))
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(("convnet", "mobilenet"))]
+    assert len(lines) == 6
+    for line, r in zip(lines, res["rows"], strict=True):
+        cells = line.split()
+        assert cells[:3] == [r["model"], "96x128", "1"]
+        assert cells[3] == f"{r['target_density']:.0%}"  # target next to achieved
+        assert cells[7] == f"{r['speedup_vs_fused_dense']:.2f}x"  # the headline column
+        assert cells[8] == f"{r['achieved_speedup']:.1f}x"  # vs the eager model: secondary
+    header = text.splitlines()[1] + text.splitlines()[2]
+    assert "speedup" in header and "fused" in header and "eager" in header
+    md = bench_markdown(res).splitlines()
+    assert "| speedup vs fused dense |" in md[0] and len(md) == 2 + 6
+    r = res["rows"][0]
+    assert f"| {r['speedup_vs_fused_dense']:.2f}x |" in md[2]

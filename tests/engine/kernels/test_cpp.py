@@ -1,9 +1,9 @@
 """The C++ engine ops (``torch.ops.deltasparse``) against the reference, and their build cache.
 
-``quant_commit`` (bias -> clamp -> quantise -> compare -> write back) is checked against the
-same steps written in torch ops, ``depthwise_rows`` against the ``reference`` backend, over
-thresholds modes x bias x compare x row selections x shapes, with fresh random inputs and the
-rows that must not be written poisoned. The build key is tested without compiling.
+``quant_commit`` (bias -> clamp -> quantise or hysteresis gate -> compare -> write back) is
+checked against the same steps written in torch ops, ``depthwise_rows`` against the
+``reference`` backend, over threshold modes x gates x bias x compare x row selections x
+shapes, with fresh random inputs and the rows that must not be written poisoned. The build key is tested without compiling.
 """
 
 from __future__ import annotations
@@ -74,61 +74,77 @@ def test_load_builds_into_the_keyed_folder_and_announces_it(monkeypatch, tmp_pat
 
 
 # -- quant_commit ---------------------------------------------------------------------------------
-def _spec_commit(z, buf, rows, bias, lo, hi, thr, mode, hw, compare):
-    """The epilogue in plain torch ops (float32, round half to even), on copies."""
+def _spec_commit(z, buf, rows, bias, lo, hi, thr, mode, hw, compare, gate=0):
+    """The epilogue in plain torch ops (float32, round half to even), on a copy of ``buf``.
+
+    gate 0: grid quantiser; 1: scalar hysteresis (a scalar takes v where |v - old| > t);
+    2: pixel hysteresis (the whole row takes v when any scalar would). Returns
+    ``(changed rows mask, new buf, pre-gate values)``."""
     buf = buf.clone()
     v = z.clone()
     if bias.numel():
         v = v + bias
     v = torch.where(v < lo, torch.full_like(v, lo), v)
     v = torch.where(v > hi, torch.full_like(v, hi), v)
+    pre = v.clone()
     r = rows if rows.numel() else torch.arange(z.shape[0])
-    if mode == 1:
-        v = torch.round(v / thr[0]) * thr[0]
-    elif mode == 2:
-        v = torch.round(v / thr) * thr
-    elif mode == 3:
-        t = thr.view(hw, -1)[r % hw]
-        v = torch.round(v / t) * t
-    changed = (v != buf[r]).any(1) if compare else torch.zeros(len(r), dtype=torch.bool)
+    t = {0: None, 1: thr[:1], 2: thr, 3: thr.view(hw, -1)[r % hw] if mode == 3 else None}[mode]
+    old = buf[r]
+    if gate == 0:
+        if t is not None:
+            v = torch.round(v / t) * t
+        changed = (v != old).any(1) if compare else torch.zeros(len(r), dtype=torch.bool)
+    else:
+        send = (v - old).abs() > t
+        if gate == 2:
+            send = send.any(1, keepdim=True).expand_as(v)
+        v = torch.where(send, v, old)
+        changed = send.any(1)  # "something was sent", compared or not
     buf[r] = v
-    return changed, buf
+    return changed, buf, pre
 
 
 @needs_cpp
-@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode,gate", [(0, 0), (1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1),
+                                       (1, 2), (2, 2), (3, 2)])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("compare", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 6, 33)])  # (B, H*W, C)
-def test_quant_commit_matches_the_torch_spec(mode, bias, compare, sparse, shape):
+def test_quant_commit_matches_the_torch_spec(mode, gate, bias, compare, sparse, shape):
     b, hw, c = shape
     p = b * hw
-    g = torch.Generator().manual_seed(hash((mode, bias, compare, sparse, shape)) % 2**31)
+    g = torch.Generator().manual_seed(hash((mode, gate, bias, compare, sparse, shape)) % 2**31)
     if sparse:
         rows = torch.randperm(p, generator=g)[: max(1, p // 2)].sort().values
     else:
         rows = torch.empty(0, dtype=torch.long)
-    n = rows.numel() or p
+    r = rows if sparse else torch.arange(p)
+    n = len(r)
     z = 3 * torch.randn(n, c, generator=g)
-    z[0, 0] = 0.25  # a tie: round half to even
+    z[0, 0] = 0.25  # a tie: round half to even (without bias)
     thr = {0: torch.empty(0), 1: torch.tensor([0.5]), 2: 0.1 + torch.rand(c, generator=g),
            3: 0.1 + torch.rand(hw * c, generator=g)}[mode]  # fmt: skip
     bs = torch.randn(c, generator=g) if bias else torch.empty(0)
     lo, hi = (0.0, 6.0) if mode % 2 else (-math.inf, math.inf)
     buf = torch.full((p + 1, c), POISON)  # rows that must not be written keep the poison
-    want_changed, want_buf = _spec_commit(z, buf, rows, bs, lo, hi, thr, mode, hw, compare)
-    r = rows if sparse else torch.arange(p)
-    keep = torch.rand(len(r), generator=g) < 0.5  # half the rows already hold the new value
-    buf[r[keep]] = want_buf[r[keep]]
-    want_changed = want_changed & ~keep if compare else want_changed
-    expect_buf = want_buf.clone()
+    # the stored values: new values, values near them (hysteresis keeps those) and others
+    _, new, pre = _spec_commit(z, buf, rows, bs, lo, hi, thr, mode, hw, compare, gate)
+    near = pre + 0.05 * torch.randn(n, c, generator=g)
+    far = 10 * torch.randn(n, c, generator=g)
+    pick = (torch.arange(n) % 3)[torch.randperm(n, generator=g)].unsqueeze(1)  # all 3 kinds
+    buf[r] = torch.where(pick == 0, new[r], torch.where(pick == 1, near, far))
+    want_changed, want_buf, _ = _spec_commit(z, buf, rows, bs, lo, hi, thr, mode, hw, compare,
+                                             gate)  # fmt: skip
     z_before = z.clone()
-    changed = torch.ops.deltasparse.quant_commit(z, buf, rows, bs, lo, hi, thr, mode, hw, compare)
+    changed = torch.ops.deltasparse.quant_commit(z, buf, rows, bs, lo, hi, thr, mode, hw,
+                                                 compare, gate)  # fmt: skip
     assert torch.equal(changed, want_changed)
-    assert torch.equal(buf, expect_buf)  # written rows equal the spec, the others untouched
+    assert torch.equal(buf, want_buf)  # written rows equal the spec, the others untouched
     assert torch.equal(z, z_before)
     assert float(buf[-1].max()) == POISON  # the padding row is never written
+    if n > 2 and (compare or gate):
+        assert 0 < int(changed.sum()) < n  # the draw exercised both outcomes
 
 
 @needs_cpp
