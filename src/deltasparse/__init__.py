@@ -6,7 +6,14 @@ sparsity in deep neural networks, application in video processing" (arXiv 2107.0
 
 from . import losses, models
 from .convert import DeltaConfig, convert, revert
-from .layers import ActivationL1, DeltaActivation, LayerStats, VideoModel, reset_state
+from .layers import (
+    ActivationL1,
+    DeltaActivation,
+    LayerStats,
+    VideoModel,
+    reset_state,
+    streaming,
+)
 from .losses import (
     Constant,
     LinearWarmup,
@@ -51,4 +58,5 @@ __all__ = [
     "revert",
     "set_sparsity_weight",
     "sparsity_loss",
+    "streaming",
 ]

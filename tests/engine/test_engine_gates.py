@@ -1,6 +1,6 @@
 """The engine with pixel gates and hysteresis: equal to the dense streaming model (the per-frame
-model called frame by frame, its hysteresis layers keeping their reference), on every frame,
-with the input gated too; the C++ epilogue equals the torch one."""
+model called frame by frame under ``ds.streaming``, its hysteresis layers keeping their
+reference), on every frame, with the input gated too; the C++ epilogue equals the torch one."""
 
 import pytest
 import torch
@@ -15,9 +15,7 @@ def _model(gate: str, mode: str, frames, seed: int = 0):
     m = randomize(AllOps(), seed).eval()
     cfg = ds.DeltaConfig(gate=gate, mode=mode, threshold_init=0.05, on_input=True,
                          overrides={"input": {"threshold_init": 0.03, "granularity": "layer"}})
-    gm = ds.convert(m, cfg, example_input=frames[0]).eval()
-    ds.reset_state(gm)
-    return gm
+    return ds.convert(m, cfg, example_input=frames[0]).eval()
 
 
 @pytest.mark.parametrize("gate", ["scalar", "pixel"])
@@ -26,7 +24,7 @@ def test_engine_equals_dense_streaming_model(gate, mode, backend, crossover):
     frames = list(synthetic_stream(25, (2, 3, 32, 32), noise=0.01, seed=1))
     gm = _model(gate, mode, frames)
     eng = ds.DeltaEngine(gm, backend=backend, crossover=crossover)
-    with torch.no_grad():
+    with torch.no_grad(), ds.streaming(gm):
         for t, f in enumerate(frames):
             want, got = gm(f), eng.step(f)
             scale = float(want.abs().max())
@@ -61,7 +59,6 @@ def test_engine_hysteresis_state_restarts_at_reset():
     with torch.no_grad():
         first = [eng.step(f) for f in frames]
         eng.reset()
-        ds.reset_state(gm)
         again = [eng.step(f) for f in frames]
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)

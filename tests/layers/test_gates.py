@@ -172,7 +172,8 @@ def test_hysteresis_error_is_bounded_by_the_step(gate):
 
 @pytest.mark.parametrize("gate", ["scalar", "pixel"])
 def test_hysteresis_frames_stream_like_the_clip(gate):
-    """The per-frame layer called frame by frame equals the clip forward; reset starts over."""
+    """Streaming, the per-frame layer called frame by frame equals the clip forward; reset
+    starts over; outside streaming every call is the first frame of a stream."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 6, 4, 2, 2, generator=g).cumsum(1) * 0.2
     clip_layer = ds.DeltaActivation(num_channels=4, gate=gate, mode="hysteresis",
@@ -180,12 +181,16 @@ def test_hysteresis_frames_stream_like_the_clip(gate):
     frame_layer = ds.DeltaActivation(num_channels=4, gate=gate, mode="hysteresis",
                                      threshold_init=0.15, input_layout="frame")  # fmt: skip
     want = clip_layer(x)
-    got = torch.stack([frame_layer(x[:, t]) for t in range(x.shape[1])], 1)
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="reset_state"):
-        frame_layer(x[:2, 0])  # another batch of streams without a reset
-    ds.reset_state(frame_layer)
-    assert torch.equal(frame_layer(x[:, 0]), want[:, 0])
+    with ds.streaming(frame_layer):
+        got = torch.stack([frame_layer(x[:, t]) for t in range(x.shape[1])], 1)
+        assert torch.equal(got, want)
+        with pytest.raises(ValueError, match="reset_state"):
+            frame_layer(x[:2, 0])  # another batch of streams without a reset
+        ds.reset_state(frame_layer)
+        assert torch.equal(frame_layer(x[:, 0]), want[:, 0])
+    for t in range(3):  # stateless again: each frame against a zero reference
+        first = clip_layer(torch.stack([x[:, t], x[:, t]], 1))[:, 0]
+        assert torch.equal(frame_layer(x[:, t]), first)
 
 
 def test_hysteresis_sparsity_loss_raises_the_step():

@@ -160,7 +160,8 @@ def test_report_dict_json_and_table(tmp_path):
     d = report.to_dict()
     assert set(d) == {
         "mode", "op_fraction", "op_reduction", "effective_macs_per_frame",
-        "dense_macs_per_frame", "mac_fraction", "layers",
+        "dense_macs_per_frame", "mac_fraction", "layers", "executed_fraction", "executed",
+        "executed_error",
     }  # fmt: skip
     assert set(d["layers"][0]) == {
         "name", "kind", "shape", "fan_out", "nonzero", "total", "temporal_density",

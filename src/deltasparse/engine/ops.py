@@ -284,8 +284,15 @@ class RuntimeOp:
     def _too_dense(self, n: int, total: int) -> bool:
         return n > self.crossover * total
 
-    def run(self, first: bool) -> None:
-        t0 = time.perf_counter()
+    def plan(self, first: bool) -> tuple[torch.Tensor | None, int] | None:
+        """The engine's row selection for one step, with its counts in ``self.stats``.
+
+        ``None`` when no input changed (nothing to do); else ``(rows, n)``: the output rows to
+        recompute (``None``: all of them, the dense path) and how many. The crossover to the
+        dense path is taken here, from the inputs' changed rows alone, so that
+        :class:`~deltasparse.engine.predict.ExecutedPredictor` can apply the same rules to the
+        changes of a dense model without computing anything.
+        """
         st = self.stats
         st.frames += 1
         if first or any(v.changed is None for v in self.inputs):
@@ -294,9 +301,7 @@ class RuntimeOp:
         else:
             active = sum(int(v.changed.numel()) for v in self.inputs)
             if active == 0 and self.backend.sparse:
-                self.out.changed = _empty_rows(self.out.buf.device)
-                st.time_s += time.perf_counter() - t0
-                return
+                return None
             if self.backend.sparse and not self._too_dense(active, st.in_rows):
                 rows = self.select()
                 if rows is not None and self._too_dense(int(rows.numel()), self.out.rows):
@@ -311,6 +316,13 @@ class RuntimeOp:
         st.effective_macs += computed * st.macs_per_row
         if st.in_rows:
             st.delta_macs += st.dense_macs_per_frame * active / st.in_rows
+        return rows, n
+
+    def run(self, first: bool) -> None:
+        t0 = time.perf_counter()
+        st = self.stats
+        planned = self.plan(first)
+        rows, n = (None, 0) if planned is None else planned
         if n:
             z = self.compute(rows)
             self.out.changed = self.backend.finish(self.out, rows, z, self.chain, first,

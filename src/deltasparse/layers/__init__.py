@@ -1,7 +1,7 @@
 """Training-time layers: the Delta Activation Layer, the L1 baseline and time handling."""
 
 from ._base import LayerStats, SparsityLayer
-from .delta import DeltaActivation, hysteresis_step, quantize, reset_state
+from .delta import DeltaActivation, hysteresis_step, quantize, reset_state, streaming
 from .l1 import ActivationL1
 from .video import VideoModel, clip_context, sparsity_layers
 
@@ -16,4 +16,5 @@ __all__ = [
     "quantize",
     "reset_state",
     "sparsity_layers",
+    "streaming",
 ]

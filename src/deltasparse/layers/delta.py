@@ -32,15 +32,17 @@ Gradients (every mode and gate, one rule): ``dq/da = 1`` (straight-through) and
 loss alone, gradient descent raises the step.
 
 Clips ``(B, T, C, ...)`` are processed with their time axis (hysteresis unrolled over ``T``).
-Frames outside a clip (the per-frame model, called frame by frame): grid layers are plain
-quantisers; hysteresis layers keep their reference between calls, one call per time step, so
-that the per-frame model is the dense streaming model the delta engine reproduces;
-:func:`reset_state` (or ``layer.reset_state()``) starts a new stream.
+Frames outside a clip (the per-frame model): grid layers are plain quantisers. Hysteresis
+layers are stateless there too -- each call is the first frame of a stream (reference zero) --
+unless streaming is switched on with :func:`streaming`: then they keep their reference from
+call to call, one call per time step, and the per-frame model is the dense streaming model
+that the delta engine reproduces; :func:`reset_state` starts new streams.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ from torch import nn
 
 from ._base import LayerStats, SparsityLayer, count_nonzero
 
-__all__ = ["DeltaActivation", "hysteresis_step", "quantize", "reset_state"]
+__all__ = ["DeltaActivation", "hysteresis_step", "quantize", "reset_state", "streaming"]
 
 GRANULARITIES = ("layer", "channel", "neuron")
 ACTIVATIONS = (None, "relu", "relu6")
@@ -247,8 +249,9 @@ class DeltaActivation(SparsityLayer):
             )
         self.gate = gate
         self.mode = mode
-        # The reference of a hysteresis layer called frame by frame (a stream); not saved.
+        # The reference of a hysteresis layer streaming frame by frame; not saved.
         self.register_buffer("_ref", None, persistent=False)
+        self.streaming = False  # set by deltasparse.streaming(model)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if activation not in ACTIVATIONS:
@@ -348,7 +351,7 @@ class DeltaActivation(SparsityLayer):
         return nz
 
     def _stream_frame(self, s: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-        ref = self._ref
+        ref = self._ref if self.streaming else None
         if ref is None:
             ref = torch.zeros_like(s)
         elif ref.shape != s.shape or ref.device != s.device:
@@ -358,7 +361,8 @@ class DeltaActivation(SparsityLayer):
                 "call deltasparse.reset_state(model) before a new stream"
             )
         y = hysteresis_step(s, ref, thr, self.pixel)
-        self._ref = y.detach()
+        if self.streaming:
+            self._ref = y.detach()
         if torch.is_grad_enabled() and (s.requires_grad or thr.requires_grad):
             y = _StraightThrough.apply(s, thr, thr.shape, y, (y.float() / thr).detach())
         return y
@@ -408,4 +412,25 @@ def reset_state(model: nn.Module) -> None:
     """Reset the stream state of every hysteresis layer in ``model`` (a new stream starts)."""
     for m in model.modules():
         if isinstance(m, DeltaActivation):
+            m.reset_state()
+
+
+@contextmanager
+def streaming(model: nn.Module):
+    """Within the block, the hysteresis layers of ``model`` called frame by frame keep their
+    references between calls (one call = one time step of ``B`` streams), starting from new
+    streams; on exit they are stateless again. Grid layers are unaffected.
+
+    ``with deltasparse.streaming(frame_model): outs = [frame_model(f) for f in frames]`` is
+    the dense streaming model that ``DeltaEngine`` reproduces frame by frame."""
+    layers = [m for m in model.modules() if isinstance(m, DeltaActivation)]
+    before = [m.streaming for m in layers]
+    for m in layers:
+        m.streaming = True
+        m.reset_state()
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m.streaming = b
             m.reset_state()

@@ -64,6 +64,10 @@ class VideoModel(nn.Module):
         b, t = x.shape[:2]
         with clip_context(self.frame_model, t):
             y = self.frame_model(x.reshape(b * t, *x.shape[2:]))
+        return self.pool(y, b, t)
+
+    def pool(self, y: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """The clip outputs from the per-frame outputs ``y`` ``(B*T, ...)`` (batch-major)."""
         y = y.reshape(b, t, *y.shape[1:])
         if self.average == "none":
             return y

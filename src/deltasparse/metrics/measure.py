@@ -17,7 +17,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .._graph import Consumer, FanOutError, find_consumers
 from ..convert import DeltaConfig, convert
-from ..layers import DeltaActivation, SparsityLayer, VideoModel, sparsity_layers
+from ..layers import DeltaActivation, SparsityLayer, VideoModel, clip_context, sparsity_layers
+from .executed import ExecutedCounter
 from .macs import consumer_macs
 from .report import LayerReport, SparsityReport
 
@@ -81,6 +82,8 @@ def measure(
     max_batches: int | None = None,
     count_macs: bool = True,
     callback=None,
+    engine: str | None = "auto",
+    crossover: dict[str, float] | None = None,
 ) -> SparsityReport:
     """Measure the sparsity of ``model`` over ``batches`` and return a :class:`SparsityReport`.
 
@@ -89,6 +92,11 @@ def measure(
     (spatial densities only). The model is run in eval mode and restored afterwards.
     ``callback(output, batch)`` is called after each forward (e.g. to score accuracy in the
     same pass).
+
+    ``engine`` (a :class:`DeltaEngine` backend name, ``None`` to skip): also predict the MACs
+    the delta engine executes on the same clips -- each batch of ``B`` clips run as ``B``
+    streams -- from the engine's own row-selection rules (``report.executed``). ``crossover``
+    is passed to the engine's rules as to ``DeltaEngine``.
     """
     video = model if isinstance(model, VideoModel) else None
     frame_model = video.frame_model if video is not None else model
@@ -130,11 +138,12 @@ def measure(
             clip = out.reshape(out.shape[0] // t, t, *out.shape[1:])
             q = clip.cumsum(dim=1) if layer.delta_output else clip
             d = clip[:, 1:] if layer.delta_output else q[:, 1:] - q[:, :-1]
-            acc.delta_nonzero += int(torch.count_nonzero(d))
+            changed = layer.changed_mask(d.flatten(0, 1))  # whole pixels for pixel gates
+            acc.delta_nonzero += int(changed.sum())
             acc.delta_total += d.numel()
             acc.act_nonzero += int(torch.count_nonzero(q))
             acc.act_total += q.numel()
-            binary = (d != 0).flatten(0, 1).float()
+            binary = changed.float()
         else:
             acc.act_nonzero += int(torch.count_nonzero(out))
             acc.act_total += out.numel()
@@ -143,6 +152,7 @@ def measure(
         macs(acc, name, binary)
 
     runner = VideoModel(frame_model, video.average) if (video is not None and probed) else video
+    counter = ExecutedCounter(frame_model, backend=engine, crossover=crossover) if engine else None
     was_training = model.training
     model.eval()
     frame_model.eval()
@@ -165,12 +175,22 @@ def measure(
                 ShapeProp(frame_model).propagate(frame)
                 shapes_known = True
             with record_outputs(layers, on_output):
-                out = (runner if is_clip else frame_model)(x)
+                if is_clip and counter is not None and counter.ok and x.shape[1] >= 2:
+                    b, t = x.shape[:2]
+                    with clip_context(frame_model, t):
+                        y = counter.run(x.reshape(b * t, *x.shape[2:]), b, t)
+                    out = runner.pool(y, b, t)
+                else:
+                    out = (runner if is_clip else frame_model)(x)
             if callback is not None:
                 callback(out, batch)
     finally:
         model.train(was_training)
-    return _build_report(accs, layers)
+    report = _build_report(accs, layers)
+    if counter is not None:
+        report.executed = counter.summary()
+        report.executed_error = counter.error
+    return report
 
 
 def _threshold_stats(layer: SparsityLayer) -> dict | None:

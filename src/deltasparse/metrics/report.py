@@ -38,8 +38,23 @@ class LayerReport:
 
 @dataclass
 class SparsityReport:
+    """Per-layer counts and their totals.
+
+    ``executed``: what the delta engine would execute on the same clips (see
+    :mod:`deltasparse.metrics.executed`; ``None`` when not predicted, with the reason in
+    ``executed_error``). ``op_fraction`` counts changed scalars (the paper);
+    ``executed_fraction`` counts what the engine runs: whole pixels, widened by every window.
+    """
+
     layers: list[LayerReport] = field(default_factory=list)
     mode: str = "spatial"  # "temporal" when deltas were counted on clips
+    executed: dict | None = None
+    executed_error: str | None = None
+
+    @property
+    def executed_fraction(self) -> float | None:
+        """Predicted executed MACs over dense MACs, steady state (first frames excluded)."""
+        return None if self.executed is None else self.executed["executed_fraction"]
 
     @property
     def op_fraction(self) -> float:
@@ -85,6 +100,9 @@ class SparsityReport:
             "effective_macs_per_frame": self.effective_macs_per_frame,
             "dense_macs_per_frame": self.dense_macs_per_frame,
             "mac_fraction": self.mac_fraction,
+            "executed_fraction": self.executed_fraction,
+            "executed": self.executed,
+            "executed_error": self.executed_error,
             "layers": layers,
         }
 

@@ -1,0 +1,131 @@
+"""What the delta engine will execute, predicted from a dense model's activations.
+
+"Counted = executed" (DESIGN.md §4): the paper's ``op_fraction`` counts changed scalars times
+their fan-out, but :class:`~deltasparse.engine.DeltaEngine` recomputes whole pixels, widened by
+every k x k window and pooling on the way, and falls back to the dense kernels where most rows
+changed. :class:`ExecutedPredictor` runs the engine's own row selection
+(:meth:`RuntimeOp.plan`: the same ``select``, crossovers and padded row counts) on the changed
+rows of every stored value, taken from the dense model's outputs of consecutive frames -- no
+second model of the engine. The engine's row changes equal the dense model's up to float
+summation order (a quantiser can flip where a value sits on a rounding boundary), so the
+prediction matches the engine's measured MACs to within those flips.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .kernels import GeometryCache, get_backend
+from .plan import build_plan, trace_model
+from .runtime import build_runtime
+from .stats import EngineStats
+
+__all__ = ["ExecutedPredictor", "Recorder", "changed_rows"]
+
+
+def changed_rows(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Engine rows (``b*H*W + y*W + x``, or ``b`` for ``(B, F)``) where any channel differs."""
+    ne = cur != prev
+    ne = ne.any(dim=1) if ne.dim() > 1 else ne
+    return ne.reshape(-1).nonzero().squeeze(1)
+
+
+class ExecutedPredictor:
+    """Replays the engine's row selection on the dense activations of ``B`` streams.
+
+    Args:
+        model: what :class:`DeltaEngine` would be given (converted per-frame model or
+            ``VideoModel``), in eval mode.
+        frame_shape: ``(B, C, H, W)`` of one step (``B`` independent streams, as the engine).
+        backend / crossover: as for the engine (``"auto"`` resolves the same way).
+
+    Call :meth:`step` once per frame with the dense outputs of :attr:`node_names` for that
+    frame; :attr:`stats` then holds what the engine would have computed (an
+    :class:`EngineStats` without times).
+    """
+
+    def __init__(self, model: nn.Module, frame_shape, *, backend="auto",
+                 crossover: dict[str, float] | None = None, device=None) -> None:  # fmt: skip
+        gm = trace_model(model)
+        plan, alias = build_plan(gm)
+        p = next(iter(gm.parameters()), None)
+        device = torch.device(device) if device is not None else (
+            p.device if p is not None else torch.device("cpu"))
+        dtype = p.dtype if p is not None else torch.float32
+        self.backend = get_backend(backend, device)
+        self.crossover = {**self.backend.crossover, **(crossover or {})}
+        self.gm = gm
+        self.runtime = build_runtime(gm, plan, alias, tuple(frame_shape), backend=self.backend,
+                                     crossover=self.crossover, device=device, dtype=dtype,
+                                     geoms=GeometryCache())  # fmt: skip
+        # One recorded fx node per stored value (aliases share a value).
+        self._values: list[tuple[str, object]] = []
+        seen: set[int] = set()
+        for node, v in self.runtime.values.items():
+            if id(v.state) not in seen:
+                seen.add(id(v.state))
+                self._values.append((node.name, v))
+        self._prev: dict[str, torch.Tensor] | None = None
+        self.frames = 0
+
+    @property
+    def node_names(self) -> set[str]:
+        """fx node names whose dense outputs :meth:`step` needs."""
+        return {name for name, _ in self._values}
+
+    def reset(self) -> None:
+        """The next frame starts new streams (computed densely, as after ``engine.reset()``)."""
+        self._prev = None
+
+    @property
+    def op_stats(self) -> list:
+        """The :class:`OpStats` of the input and of every op (cumulative counts)."""
+        return [self.runtime.input_op.stats] + [o.stats for o in self.runtime.ops]
+
+    def step(self, outputs: dict[str, torch.Tensor]) -> None:
+        """One frame: ``outputs[name]`` is node ``name``'s dense output ``(B, ...)``."""
+        missing = self.node_names - set(outputs)
+        if missing:
+            raise KeyError(f"ExecutedPredictor.step: no dense output for {sorted(missing)}")
+        changes = None
+        if self._prev is not None:
+            changes = {n: changed_rows(outputs[n], self._prev[n]) for n in self.node_names}
+        self.step_changes(changes)
+        self._prev = {name: outputs[name] for name, _ in self._values}
+
+    def step_changes(self, changes: dict[str, torch.Tensor] | None) -> None:
+        """One frame given the changed rows of every value since the previous frame
+        (``None``: the first frame of new streams, computed densely)."""
+        first = changes is None
+        for name, v in self._values:
+            v.changed = None if first else changes[name]
+        rt = self.runtime
+        rt.input_op.stats.frames += 1
+        for op in rt.ops:
+            op.plan(first)
+        self.frames += 1
+
+    @property
+    def stats(self) -> EngineStats:
+        rt = self.runtime
+        return EngineStats.from_ops(
+            self.op_stats, frames=self.frames,
+            state_bytes=rt.state_bytes(), table_bytes=rt.geoms.nbytes(),
+            dense_activation_bytes=rt.dense_bytes, backend=self.backend.name,
+        )  # fmt: skip
+
+
+class Recorder(fx.Interpreter):
+    """Runs a GraphModule node by node, calling ``fn(name, output)`` for the nodes in ``keep``
+    (module hooks still fire: modules are called as usual)."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str], fn) -> None:
+        super().__init__(gm)
+        self.keep, self.fn = keep, fn
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.fn(n.name, out.detach())
+        return out
