@@ -62,8 +62,8 @@ class ExecutedCounter:
     def run(self, frames: torch.Tensor, b: int, t: int):
         """The frame model's output on ``frames`` (``(B*T, ...)``, batch-major clips), with the
         executed MACs of those ``B`` streams over ``T`` frames accumulated."""
-        from ..engine.predict import Recorder
         from ..engine.plan import UnsupportedOpError
+        from ..engine.predict import Recorder
 
         try:
             pred = self._predictor((b, *frames.shape[1:]))
