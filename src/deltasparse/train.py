@@ -142,6 +142,24 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int, note: str = ""):
+    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}{note}"
+
+
+def _num_above(lo: float, *, strict: bool):
+    ok = (lambda v: _is_num(v) and v > lo) if strict else (lambda v: _is_num(v) and v >= lo)
+    return ok, f"a {'finite ' if strict else ''}number {'>' if strict else '>='} {lo:g}"
+
+
+def _optional(check):
+    ok, expected = check
+    return (lambda v: v is None or ok(v)), f"unset or {expected}"
+
+
 def _validate(cfg: TrainConfig) -> None:
     """Every field checked up front, so that a bad value fails before any file is written."""
     from .data.layout import LAYOUTS
@@ -160,63 +178,47 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} ({_flag(name)}) must be one of {shown}, got {value!r}; "
                              f"pass {_flag(name)} with one of them")
     delta = _LAYER_KIND.get(cfg.phase) == "delta"
-    min_clip = 2 if delta else 1
-    why_clip = " (delta training needs clip_len >= 2: deltas need two frames)" if delta else ""
-    # (field, ok, expected, example value for the fix)
-    checks = [
-        ("split", _is_int(cfg.split) and 1 <= cfg.split <= MAX_SPLIT,
-         f"an integer in 1..{MAX_SPLIT} (UCF101: 1..3)", 1),
-        ("resolution", _is_int(cfg.resolution) and cfg.resolution >= MIN_RESOLUTION,
-         f"an integer >= {MIN_RESOLUTION} (pixels of the square crop)", 64),
-        ("resize", cfg.resize is None or (_is_int(cfg.resize) and cfg.resize >= cfg.resolution),
-         f"unset or an integer >= resolution ({cfg.resolution}), the short side before "
-         "cropping", round(cfg.resolution * 8 / 7) if _is_int(cfg.resolution) else 64),
-        ("clip_len", _is_int(cfg.clip_len) and cfg.clip_len >= min_clip,
-         f"an integer >= {min_clip}{why_clip}", 4),
-        ("eval_clip_len",
-         cfg.eval_clip_len is None or (_is_int(cfg.eval_clip_len) and cfg.eval_clip_len >= min_clip),
-         f"unset or an integer >= {min_clip}{why_clip}", 8),
-        ("frame_stride", _is_int(cfg.frame_stride) and cfg.frame_stride >= 1, "an integer >= 1", 1),
-        ("eval_clips_per_video", _is_int(cfg.eval_clips_per_video) and cfg.eval_clips_per_video >= 1,
-         "an integer >= 1", 2),
-        ("workers", _is_int(cfg.workers) and cfg.workers >= 0, "an integer >= 0", 0),
-        ("width", isinstance(cfg.width, (int, float)) and cfg.width > 0, "a number > 0", 0.5),
-        ("epochs", _is_int(cfg.epochs) and cfg.epochs >= 1, "an integer >= 1", 10),
-        ("batch_size", _is_int(cfg.batch_size) and cfg.batch_size >= 1, "an integer >= 1", 16),
-        ("lr", isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0,
-         "a finite number > 0", 2e-3),
-        ("momentum", isinstance(cfg.momentum, (int, float)) and 0 <= cfg.momentum < 1,
-         "a number in [0, 1)", 0.9),
-        ("weight_decay", isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0,
-         "a number >= 0", 1e-4),
-        ("warmup_epochs", isinstance(cfg.warmup_epochs, (int, float)) and cfg.warmup_epochs >= 0,
-         "a number >= 0", 0),
-        ("sparsity_weight",
-         isinstance(cfg.sparsity_weight, (int, float)) and cfg.sparsity_weight >= 0,
-         "a number >= 0", 1e-3),
-        ("threshold_init", isinstance(cfg.threshold_init, (int, float)) and cfg.threshold_init > 0,
-         "a number > 0", 0.05),
-        ("threshold_lr_mult",
-         isinstance(cfg.threshold_lr_mult, (int, float)) and cfg.threshold_lr_mult >= 0,
-         "a number >= 0", 1.0),
-        ("seed", _is_int(cfg.seed) and cfg.seed >= 0, "an integer >= 0", 0),
-        ("data", isinstance(cfg.data, str) and cfg.data.strip() != "",
-         "'synthetic' or a dataset folder", "synthetic"),
-    ]
+    clip = _int_at_least(2 if delta else 1,
+                         " (delta training needs clip_len >= 2: deltas need two frames)"
+                         if delta else "")  # fmt: skip
+    res = cfg.resolution if _is_int(cfg.resolution) else 64
+    # field: ((predicate, what is expected), example value for the fix)
+    checks = {
+        "split": (((lambda v: _is_int(v) and 1 <= v <= MAX_SPLIT),
+                   f"an integer in 1..{MAX_SPLIT} (UCF101: 1..3)"), 1),
+        "resolution": (_int_at_least(MIN_RESOLUTION, " (pixels of the square crop)"), 64),
+        "resize": (_optional(_int_at_least(res, " (the resolution: it is the short side before "
+                                                "cropping)")), round(res * 8 / 7)),
+        "clip_len": (clip, 4),
+        "eval_clip_len": (_optional(clip), 8),
+        "frame_stride": (_int_at_least(1), 1),
+        "eval_clips_per_video": (_int_at_least(1), 2),
+        "workers": (_int_at_least(0), 0),
+        "width": (_num_above(0, strict=True), 0.5),
+        "epochs": (_int_at_least(1), 10),
+        "batch_size": (_int_at_least(1), 16),
+        "lr": (_num_above(0, strict=True), 2e-3),
+        "momentum": (((lambda v: _is_num(v) and 0 <= v < 1), "a number in [0, 1)"), 0.9),
+        "weight_decay": (_num_above(0, strict=False), 1e-4),
+        "warmup_epochs": (_num_above(0, strict=False), 0),
+        "sparsity_weight": (_num_above(0, strict=False), 1e-3),
+        "threshold_init": (_num_above(0, strict=True), 0.05),
+        "threshold_lr_mult": (_num_above(0, strict=False), 1.0),
+        "seed": (_int_at_least(0), 0),
+        "data": (((lambda v: isinstance(v, str) and v.strip() != ""),
+                  "'synthetic' or a dataset folder"), "synthetic"),
+    }
     if cfg.data == "synthetic":
-        checks += [
-            ("synthetic_classes",
-             _is_int(cfg.synthetic_classes) and 1 <= cfg.synthetic_classes <= MAX_CLASSES,
-             f"an integer in 1..{MAX_CLASSES} (one per motion)", 10),
-            ("synthetic_videos", _is_int(cfg.synthetic_videos)
-             and cfg.synthetic_videos >= cfg.synthetic_classes,
-             f"an integer >= synthetic_classes ({cfg.synthetic_classes}), so that every class "
-             "has a training video", 300),
-            ("synthetic_frames", _is_int(cfg.synthetic_frames) and cfg.synthetic_frames >= 1,
-             "an integer >= 1", 16),
-        ]
-    for name, ok, expected, example in checks:
-        if not ok:
+        n = cfg.synthetic_classes
+        checks.update({
+            "synthetic_classes": (((lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES),
+                                   f"an integer in 1..{MAX_CLASSES} (one per motion)"), 10),
+            "synthetic_videos": (_int_at_least(n if _is_int(n) else 1, " (synthetic_classes: a "
+                                               "training video per class)"), 300),
+            "synthetic_frames": (_int_at_least(1), 16),
+        })  # fmt: skip
+    for name, ((ok, expected), example) in checks.items():
+        if not ok(getattr(cfg, name)):
             raise ValueError(f"{name} ({_flag(name)}) must be {expected}, got "
                              f"{getattr(cfg, name)!r}; pass e.g. {_flag(name)} {example}")
 
@@ -651,7 +653,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     if _is_main():
         print_data_summary(console, data_summary(cfg, train_set, eval_set))
     model = build_model(cfg, num_classes)
-    if cfg.init_from:
+    if cfg.init_from and resumed is None:  # resumed: the checkpoint holds the weights
         _init_from(model, cfg.init_from, class_names, _data_name(cfg))
     if resumed is not None:
         check_classes(resumed, class_names, what=f"--resume checkpoint {ckpt_path}",
