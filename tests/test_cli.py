@@ -300,3 +300,15 @@ def test_split_range_follows_the_layout(ucf3, tmp_path, capsys):
                "--epochs", "1", "--out", str(tmp_path / "f")])
     assert rc == 0
     assert "split 4 of 1..5" in capsys.readouterr().out
+
+
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
+    import deltasparse.stream
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(deltasparse.stream, "run_stream", oom)
+    assert _stream(tmp_path) == 2
+    line = _error_line(capsys, "stream")
+    assert "Tried to allocate 2.00 GiB more); lower --batch-size" in line

@@ -297,18 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the input is wrong", each raised with a message that names the fix.
     Anything else is a bug: one line too, but with the type and a pointer to ``-v``."""
+    import torch
+
     from ._graph import FanOutError
     from .data.errors import DatasetError
     from .engine.plan import UnsupportedOpError
 
     # KeyError: models.create's unknown-name error; OSError: missing files, full disks.
     return (DatasetError, UnsupportedOpError, FanOutError, ValueError, OSError, ImportError,
-            KeyError)  # fmt: skip
+            KeyError, torch.OutOfMemoryError)  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
+    import torch
+
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(text).split()) or type(exc).__name__
+    text = " ".join(str(text).split()) or type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError):
+        text = f"out of memory ({text}); lower --batch-size (or --resolution)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
