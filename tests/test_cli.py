@@ -312,3 +312,15 @@ def test_out_of_memory_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
     assert _stream(tmp_path) == 2
     line = _error_line(capsys, "stream")
     assert "Tried to allocate 2.00 GiB more); lower --batch-size" in line
+
+
+def test_failed_stream_verification_is_an_expected_error(tmp_path, monkeypatch, capsys):
+    import deltasparse.stream
+
+    def off(*args, **kwargs):
+        raise deltasparse.stream.StreamVerificationError(
+            "stream: the engine is off the dense model (max relative error 0.1 > rtol 1e-4)", {})
+
+    monkeypatch.setattr(deltasparse.stream, "run_stream", off)
+    assert _stream(tmp_path) == 2
+    assert "off the dense model" in _error_line(capsys, "stream")

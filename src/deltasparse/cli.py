@@ -302,10 +302,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ._graph import FanOutError
     from .data.errors import DatasetError
     from .engine.plan import UnsupportedOpError
+    from .stream import StreamVerificationError
 
     # KeyError: models.create's unknown-name error; OSError: missing files, full disks.
-    return (DatasetError, UnsupportedOpError, FanOutError, ValueError, OSError, ImportError,
-            KeyError, torch.OutOfMemoryError)  # fmt: skip
+    return (DatasetError, UnsupportedOpError, FanOutError, StreamVerificationError, ValueError,
+            OSError, ImportError, KeyError, torch.OutOfMemoryError)  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
