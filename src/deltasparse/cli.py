@@ -82,6 +82,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--threshold-init", type=float)
     opt(g, "--threshold-lr-mult", type=float)
     opt(g, "--granularity", choices=["layer", "channel", "neuron"])
+    opt(g, "--gate", "scalar (the paper) or pixel (whole pixels, as the engine skips them)",
+        choices=["scalar", "pixel"])
+    opt(g, "--mode", "grid (the paper's quantiser) or hysteresis (send changes above the step)",
+        choices=["grid", "hysteresis"])
+    g.add_argument("--input-gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="a delta layer on the input pixels too (stops sensor noise at conv1)")
+    opt(g, "--input-threshold-init", "initial step of the input gate (default --threshold-init)",
+        type=float)
 
 
 def _config_from_args(args, base=None):
@@ -140,6 +148,8 @@ def _cmd_eval(args) -> int:
                   data=data)
     model.to(device)
     result = evaluate(model, eval_set, cfg, device)
+    if args.engine:
+        result["engine"] = _engine_stage(model, cfg, args.streams, args.threads, console)
     text = json.dumps(result, indent=2)
     if args.out:
         write_json_atomic(result, args.out)
@@ -151,6 +161,54 @@ def _cmd_eval(args) -> int:
         f"(op reduction {result['op_reduction']:.2f}x)", soft_wrap=True
     )
     return 0
+
+
+def _engine_stage(model, cfg, streams: int, threads: int | None, console) -> dict:
+    """The held-out videos through DeltaEngine, timed against dense (see deltasparse.exploit)."""
+    from .exploit import exploit
+    from .progress import task_progress
+
+    with task_progress("engine: streaming the held-out videos", console=console) as bar:
+        r = exploit(model.eval(), cfg, streams=streams, threads=threads, progress=bar)
+    console.print(
+        f"engine: executed density {100 * r['executed_density']:.1f}% (predicted "
+        f"{100 * r['predicted_density']:.1f}%), {r['delta_ms_per_frame']:.2f} ms/frame vs "
+        f"dense {r['dense_ms_per_frame']:.2f} ({r['speedup']:.2f}x, {r['threads']} threads, "
+        f"{r['streams']} streams); accuracy {100 * r['accuracy']:.2f}%, agreement "
+        f"{100 * r['agreement']:.2f}%", soft_wrap=True)  # fmt: skip
+    return r
+
+
+def _cmd_calibrate(args) -> int:
+    from rich.console import Console
+
+    from .calibration_run import calibrate_run
+    from .progress import task_progress
+
+    console = Console()
+    with task_progress(f"calibrating to {args.target}", console=console) as bar:
+        n = [0]
+
+        def on_step(info: dict) -> None:
+            n[0] += 1
+            bar(n[0], None, info=f"{info['stage']}: agreement {info['agreement']:.3f}, executed "
+                                 f"{_pct(info['executed_density'])}")
+
+        ev = calibrate_run(args.checkpoint, args.out, target=args.target, clips=args.clips,
+                           gate=args.gate, mode=args.mode, input_gate=args.input_gate,
+                           force=args.force, device=args.device, progress=on_step)  # fmt: skip
+    cal = ev["calibration"]
+    a = cal["achieved"]
+    console.print(
+        f"calibrated ({'target met' if cal['met'] else '[red]target NOT met[/]'}): agreement "
+        f"{100 * a['agreement']:.2f}% on the calibration clips, executed density "
+        f"{_pct(a['executed_density'])}; held-out accuracy {100 * ev['accuracy']:.2f}% → "
+        f"{args.out}", soft_wrap=True)  # fmt: skip
+    return 0 if cal["met"] else 3
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def _cmd_report(args) -> int:
@@ -255,7 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    s.add_argument("--engine", action="store_true",
+                   help="also stream the held-out videos through DeltaEngine, timed against "
+                        "the dense model (adds 'engine' to the JSON)")
+    s.add_argument("--streams", type=int, default=32, help="videos per engine batch")
+    s.add_argument("--threads", type=int, default=None, help="torch threads while timing")
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("calibrate", help="gates + thresholds for a baseline run, no training")
+    s.add_argument("--checkpoint", required=True, help="model.pt of a baseline run")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--target", default="agreement=0.99",
+                   help="agreement=F, max_logit_error=F or executed_density=F "
+                        "(default agreement=0.99)")
+    s.add_argument("--clips", type=int, default=64, help="unlabeled training clips to use")
+    s.add_argument("--gate", default="pixel", choices=["scalar", "pixel"])
+    s.add_argument("--mode", default="hysteresis", choices=["grid", "hysteresis"])
+    s.add_argument("--input-gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="gate the input pixels too (default on)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--force", action="store_true", help="replace a run in --out")
+    s.set_defaults(func=_cmd_calibrate)
 
     s = sub.add_parser("report", help="HTML page with plots comparing run folders")
     s.add_argument("runs", nargs="+", help="run folders")

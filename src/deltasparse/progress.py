@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["train_progress"]
+__all__ = ["task_progress", "train_progress"]
 
 
 class _Bar:
@@ -47,3 +47,23 @@ def train_progress(cfg, epoch: int, total: int, *, enabled: bool = True):
     ) as progress:
         task = progress.add_task("train", total=total, info="")
         yield _Bar(progress, task)
+
+
+@contextmanager
+def task_progress(title: str, *, console=None, enabled: bool = True):
+    """A bar for long work that reports ``(done, total, info=...)``; ``total`` may be None
+    (unknown). Yields the callable ``update(done, total, info="")``."""
+    if not enabled:
+        yield lambda done, total, info="": None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{title}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+                  transient=False) as progress:  # fmt: skip
+        task = progress.add_task(title, total=None, info="")
+
+        def update(done: int, total: int | None, info: str = "") -> None:
+            progress.update(task, completed=done, total=total, info=info)
+
+        yield update

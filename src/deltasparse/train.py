@@ -53,6 +53,7 @@ __all__ = [
     "build_datasets",
     "build_model",
     "config_changes",
+    "delta_config",
     "data_summary",
     "evaluate",
     "load_model",
@@ -65,7 +66,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PHASES = ("baseline", "l1", "delta", "delta_scratch")
-_LAYER_KIND = {"l1": "l1", "delta": "delta", "delta_scratch": "delta"}
+_LAYER_KIND = {"l1": "l1", "delta": "delta", "delta_scratch": "delta", "calibrated": "delta"}
+#: Runs made without training (``deltasparse calibrate``): built like a delta run.
+MADE_PHASES = ("calibrated",)
 #: TrainConfig fields a resumed run may change: they alter how it runs, not what it computes.
 RESUME_MAY_CHANGE = ("progress", "workers", "device", "cache_dir", "out")
 MAX_SPLIT = 5  # plain folders have splits 1..5, UCF101 1..3 (checked by the layout)
@@ -116,6 +119,10 @@ class TrainConfig:
     threshold_init: float = 0.05
     threshold_lr_mult: float = 1.0
     granularity: str = "channel"
+    gate: str = "scalar"  # "scalar" (the paper) or "pixel" (what the engine skips)
+    mode: str = "grid"  # "grid" (the paper) or "hysteresis" (send changes above the step)
+    input_gate: bool = False  # a delta layer on the input pixels too
+    input_threshold_init: float | None = None  # its initial step (default threshold_init)
     # execution
     amp: str | None = None  # "bf16" on GPU
     device: str = "auto"
@@ -166,9 +173,10 @@ def _validate(cfg: TrainConfig) -> None:
     from .data.synthetic import MAX_CLASSES
 
     choices = {
-        "phase": PHASES, "optimizer": ("sgd", "adamw"), "amp": (None, "bf16"),
+        "phase": PHASES + MADE_PHASES, "optimizer": ("sgd", "adamw"), "amp": (None, "bf16"),
         "lr_schedule": ("cosine", "constant"), "sparsity_schedule": ("constant", "linear", "sine"),
         "granularity": ("layer", "channel", "neuron"), "device": ("auto", "cpu", "cuda"),
+        "gate": ("scalar", "pixel"), "mode": ("grid", "hysteresis"), "input_gate": (False, True),
         "layout": LAYOUTS, "model": tuple(models.list_models()),
     }  # fmt: skip
     for name, allowed in choices.items():
@@ -203,6 +211,7 @@ def _validate(cfg: TrainConfig) -> None:
         "warmup_epochs": (_num_above(0, strict=False), 0),
         "sparsity_weight": (_num_above(0, strict=False), 1e-3),
         "threshold_init": (_num_above(0, strict=True), 0.05),
+        "input_threshold_init": (_optional(_num_above(0, strict=True)), 0.05),
         "threshold_lr_mult": (_num_above(0, strict=False), 1.0),
         "seed": (_int_at_least(0), 0),
         "data": (((lambda v: isinstance(v, str) and v.strip() != ""),
@@ -477,16 +486,29 @@ def build_model(cfg: TrainConfig, num_classes: int) -> VideoModel:
     if cfg.model in ("mobilenet_v1", "mobilenet_v2", "convnet"):
         kw["width_mult"] = cfg.width
     frame = models.create(cfg.model, **kw)
-    kind = _LAYER_KIND.get(cfg.phase)
-    if kind is not None:
-        dcfg = DeltaConfig(
-            kind=kind,
-            granularity=cfg.granularity,
-            threshold_init=cfg.threshold_init,
-            sparsity_weight=cfg.sparsity_weight,
-        )
+    dcfg = delta_config(cfg)
+    if dcfg is not None:
         frame = convert(frame, dcfg)
     return VideoModel(frame)
+
+
+def delta_config(cfg: TrainConfig) -> DeltaConfig | None:
+    """The layers a phase inserts (``None`` for the baseline)."""
+    kind = _LAYER_KIND.get(cfg.phase)
+    if kind is None:
+        return None
+    if kind == "l1":
+        return DeltaConfig(kind="l1", sparsity_weight=cfg.sparsity_weight)
+    overrides = {}
+    if cfg.input_gate:
+        # Three colour channels: one step per channel; the same gate and mode as the others.
+        thr = cfg.input_threshold_init or cfg.threshold_init
+        overrides["input"] = {"granularity": "channel", "threshold_init": thr}
+    return DeltaConfig(
+        kind="delta", granularity=cfg.granularity, threshold_init=cfg.threshold_init,
+        sparsity_weight=cfg.sparsity_weight, gate=cfg.gate, mode=cfg.mode,
+        on_input=cfg.input_gate, overrides=overrides,
+    )  # fmt: skip
 
 
 def _init_from(model: VideoModel, path: str, class_names: list[str], data: str) -> None:
@@ -642,6 +664,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     Only rank 0 evaluates and writes files; other ranks return ``{}``. With
     ``return_model=True`` it returns ``(result, model)``.
     """
+    if cfg.phase in MADE_PHASES:
+        raise ValueError(f"a {cfg.phase!r} run is made by `deltasparse calibrate` from a baseline "
+                         "run, not trained; pass --phase baseline, l1, delta or delta_scratch")
     resumed = _check_run_folder(cfg, resume=resume, force=force)
     device = _setup_device(cfg)
     rank, world, _ = _dist_info()
