@@ -140,6 +140,19 @@ def compare(engine, rec: DenseRecorder, frame) -> tuple[float, int, int]:
     return float((y - yd).abs().max()), diff, total
 
 
+def compare_rel(engine, rec: DenseRecorder, frame) -> tuple[float, int, int]:
+    """:func:`compare` with the logit error relative to the dense model's largest logit:
+    ``(max |engine - dense| / max |dense|, differing quantised activations, total)``."""
+    y = engine.step(frame)
+    yd, acts = rec(frame)
+    vals = engine.values(set(acts))
+    diff = sum(int((vals[k] != v).sum()) for k, v in acts.items())
+    total = sum(v.numel() for v in acts.values())
+    err = float((y - yd).abs().max())
+    scale = float(yd.abs().max())
+    return (err / scale if scale > 0 else err), diff, total
+
+
 ALWAYS_SPARSE = {k: 1.0 for k in ("linear", "conv", "depthwise", "pool", "pointwise")}
 
 

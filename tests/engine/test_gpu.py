@@ -199,16 +199,39 @@ def _stream(n: int, res, dtype, area: float):
     return out
 
 
-def _check_frame(got, want, dtype, what, *, dense: bool = False):
+# Every frame, float32: max |engine - reference| <= REL * max |reference| (measured on an
+# H200: 6e-8 to 4e-7 of the largest logit). Only where the two sides' summation orders put a
+# value on different sides of a quantiser's rounding boundary (a flip, counted by
+# _differing) may a logit move by up to about one step: FLIP_REL (measured: 1.3e-3 for 13
+# flips of 90666 values, the "chains" model's fine neuron thresholds on random frames).
+REL = 1e-4
+FLIP_REL = 1e-2
+
+
+def _differing(a: DeltaEngine, b: DeltaEngine) -> tuple[int, int]:
+    """``(values of a's state that differ from b's beyond float rounding, all values)``."""
+    va, vb = a.values(), b.values()
+    assert va.keys() == vb.keys()
+    n = total = 0
+    for k, want in vb.items():
+        scale = float(want.abs().max()) or 1.0
+        n += int(((va[k] - want).abs() > 1e-5 * scale).sum())
+        total += want.numel()
+    return n, total
+
+
+def _check_frame(got, want, dtype, what, *, dense: bool = False, flips: int = 0):
     """float64: equal to float rounding (against the dense model 1e-6: the model quantises in
-    float32, the engine in the model's dtype). float32: a rare quantiser flip at a rounding
-    boundary moves a logit by about one step, so the bound is loose."""
+    float32, the engine in the model's dtype). float32: within ``REL`` of the largest output,
+    or ``FLIP_REL`` where ``flips`` values of the state differ (rounding-boundary flips)."""
+    assert torch.isfinite(got).all(), (what, "non-finite output")
     if dtype == torch.float64:
         tol = 1e-6 if dense else 1e-9
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=what)
     else:
         err = (got - want).abs().max().item()
-        assert err < 2e-2 * max(1.0, want.abs().max().item()), (what, err)
+        scale = want.abs().max().item()
+        assert err <= (REL if flips == 0 else FLIP_REL) * scale, (what, err, scale, flips)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -234,8 +257,13 @@ def test_stream_matches_dense(dtype, name):
             assert gs is not None
         else:
             got_graph = gs.step(f)
-        _check_frame(got_eager, want, dtype, f"eager triton, frame {i}")
-        _check_frame(got_graph, want, dtype, f"graph step, frame {i}")
+        for got, eng, what in ((got_eager, eager, "eager triton"), (got_graph, graphed, "graph")):
+            n, total = _differing(eng, ref)
+            # flips are rare, and each changes a few values downstream of it, never many
+            assert n <= 2e-2 * total, (what, i, n, total)
+            _check_frame(got, want, dtype, f"{what}, frame {i}", flips=n)
+        if name == "mobilenet":  # measured: no flips at all on this model
+            assert _differing(eager, ref)[0] == 0
     gs.flush_stats()
     st = graphed.stats
     assert all(layer["frames"] == len(frames) for layer in st.layers)
@@ -272,11 +300,12 @@ def test_graph_step_long_stream_no_drift():
     frames = _stream(8, res, dtype, area=0.05)
     eng.step(frames[0])
     gs = eng.backend.graph_step(eng._runtime)
-    for t in range(1, 400):
-        out = gs.step(frames[t % len(frames)])
-    with torch.no_grad():
-        want = gm(frames[399 % len(frames)])
-    _check_frame(out, want, dtype, "after 400 frames", dense=True)
+    for t in range(1, 400):  # every frame, not just the last one
+        f = frames[t % len(frames)]
+        out = gs.step(f)
+        with torch.no_grad():
+            want = gm(f)
+        _check_frame(out, want, dtype, f"graph replay, frame {t}", dense=True)
 
 
 # -- the CPU engine tests' equivalence checks, on the GPU ----------------------------------
@@ -300,7 +329,7 @@ class _Graphed:
 
 @pytest.mark.parametrize("granularity", ["layer", "channel", "neuron"])
 def test_all_ops_match_dense_on_gpu(granularity, crossover):
-    from engine_helpers import AllOps, DenseRecorder, compare, converted
+    from engine_helpers import AllOps, DenseRecorder, compare_rel, converted
 
     from deltasparse.data.streams import synthetic_stream
 
@@ -309,9 +338,9 @@ def test_all_ops_match_dense_on_gpu(granularity, crossover):
     eng = DeltaEngine(gm, backend="triton", crossover=crossover, cuda_graph=False)
     rec = DenseRecorder(gm)
     diffs = total = 0
-    for f in frames:
-        err, d, n = compare(eng, rec, f)
-        assert err <= 1e-4
+    for t, f in enumerate(frames):
+        rel, d, n = compare_rel(eng, rec, f)
+        assert rel <= REL, (t, rel)
         diffs, total = diffs + d, total + n
     assert diffs <= 1e-4 * total
     assert 0 < eng.stats.effective_macs < eng.stats.dense_macs
@@ -321,7 +350,7 @@ def test_all_ops_match_dense_on_gpu(granularity, crossover):
 
 @pytest.mark.parametrize("graphed", [False, True])
 def test_mobilenet_v1_stream_matches_dense_on_gpu(graphed):
-    from engine_helpers import DenseRecorder, compare, converted
+    from engine_helpers import DenseRecorder, compare_rel, converted
 
     from deltasparse.data.streams import synthetic_stream
 
@@ -331,9 +360,9 @@ def test_mobilenet_v1_stream_matches_dense_on_gpu(graphed):
     eng = DeltaEngine(gm, backend="triton", cuda_graph=False)
     runner = _Graphed(eng) if graphed else eng
     rec = DenseRecorder(gm)
-    for f in frames:
-        err, d, total = compare(runner, rec, f)
-        assert err <= 1e-4 and d <= 1e-4 * total
+    for t, f in enumerate(frames):
+        rel, d, total = compare_rel(runner, rec, f)
+        assert rel <= REL and d <= 1e-4 * total, (t, rel, d)
     if graphed:
         runner.gs.flush_stats()
     assert eng.stats.ideal_speedup > 1.5
