@@ -23,7 +23,7 @@ def test_demo_quick_writes_summary_and_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["runs"]) == {"baseline", "l1", "delta"}
+    assert set(summary["runs"]) == {"baseline", "l1", "delta", "calibrated"}
     evals = {p: json.loads((out / p / "eval.json").read_text()) for p in summary["runs"]}
     for phase, run in summary["runs"].items():
         ev = evals[phase]
@@ -32,8 +32,26 @@ def test_demo_quick_writes_summary_and_report(tmp_path):
         # ... and that op fraction is the paper's formula over the layers' raw counts
         assert run["op_fraction"] == pytest.approx(_op_fraction(ev), rel=1e-9)
         assert 0.0 < run["op_fraction"] <= 1.0
-        assert {r["kind"] for r in ev["sparsity"]["layers"]} == (
-            {"activation"} if phase == "baseline" else {phase})  # fmt: skip
+        kind = {"baseline": "activation", "calibrated": "delta"}.get(phase, phase)
+        assert {r["kind"] for r in ev["sparsity"]["layers"]} == {kind}
+    # the engine stage of every gated run: measured by the engine, predicted by measure()
+    for phase in ("delta", "calibrated"):
+        e = summary["runs"][phase]["engine"]
+        full = json.loads((out / phase / "engine.json").read_text())
+        assert e["executed_density"] == full["executed_density"]
+        assert 0 < e["executed_density"] <= 1 and e["agreement"] >= 0.99
+        assert e["prediction_error"] == pytest.approx(
+            abs(e["predicted_density"] - e["executed_density"]) / e["executed_density"])
+        assert e["prediction_error"] <= 0.05
+        assert e["speedup"] == pytest.approx(e["dense_ms_per_frame"] / e["delta_ms_per_frame"])
+        assert full["density_over_time"][0] == 1.0  # the first frame of a stream is dense
+        # the engine's accuracy under eval's protocol: the gated model's own accuracy
+        assert e["accuracy"] == pytest.approx(summary["runs"][phase]["accuracy"], abs=0.05)
+    checks = summary["acceptance"]["checks"]
+    assert checks["calibrated run present"] and summary["acceptance"]["all"] == all(
+        checks.values())
+    cal = evals["calibrated"]["calibration"]
+    assert cal["target"] == {"agreement": 0.95} and len(cal["history"]) > 3
     v = summary["delta_vs_l1"]
     reduction = _op_fraction(evals["l1"]) / _op_fraction(evals["delta"])
     assert v["op_reduction_delta_vs_l1"] == pytest.approx(reduction, rel=1e-9)
