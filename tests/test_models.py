@@ -114,7 +114,7 @@ def test_registry_lists_and_creates():
     assert names == sorted(names)
     m = ds.models.create("mobilenet_v1", num_classes=7, width_mult=0.25)
     assert isinstance(m, MobileNetV1) and m.classifier.out_features == 7
-    with pytest.raises(KeyError, match="unknown model 'mobilenet_v9'.*mobilenet_v1"):
+    with pytest.raises(ValueError, match="unknown model 'mobilenet_v9'.*mobilenet_v1"):
         ds.models.create("mobilenet_v9")
     with pytest.raises(ValueError, match="registered twice"):
         ds.models.register_model("mobilenet_v1")(lambda: None)

@@ -191,7 +191,8 @@ def run_bench(
 ) -> dict:
     """Time dense and delta inference; returns a JSON-able dict with one row per run."""
     if device != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device "
+                         "cpu")
     res = [_resolution(r) for r in resolutions]
     rows: list[dict] = []
     skipped: list[dict] = []

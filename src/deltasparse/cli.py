@@ -239,20 +239,21 @@ def _size(text: str | None):
 
 def _cmd_stream(args) -> int:
     from .checkpoint import write_json_atomic
-    from .printing import StreamProgress, print_stats
+    from .printing import StreamProgress, print_stream
     from .stream import run_stream
 
     with StreamProgress(total=args.max_frames) as bar:
         result = run_stream(
             args.video, args.checkpoint, device=args.device, backend=args.backend,
             size=_size(args.size), max_frames=args.max_frames, verify_every=args.verify_every,
-            on_frame=bar,
+            rtol=args.verify_rtol, strict=False, on_frame=bar,
         )  # fmt: skip
     out = Path(args.out)
     write_json_atomic(result, out)
-    print_stats(result["stats"])
+    print_stream(result)
     print(f"per-frame predictions and stats written to {out}")
-    return 0
+    verify = result.get("verify")
+    return 1 if verify and not verify["passed"] else 0
 
 
 def _cmd_bench(args) -> int:
@@ -263,8 +264,8 @@ def _cmd_bench(args) -> int:
     def progress(row: dict) -> None:
         print(
             f"  {row['model']} {row['height']}x{row['width']} threads={row['threads']} "
-            f"density={row['density']:.1%}: dense {row['dense_ms']:.1f} ms, delta "
-            f"{row['delta_ms']:.1f} ms ({row['achieved_speedup']:.2f}x)", flush=True,
+            f"density={row['density']:.1%}: fused dense {row['fused_dense_ms']:.1f} ms, delta "
+            f"{row['delta_ms']:.1f} ms ({row['speedup_vs_fused_dense']:.2f}x)", flush=True,
         )  # fmt: skip
 
     result = run_bench(
@@ -350,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default=None, help="HxW to resize frames to (default: training)")
     s.add_argument("--max-frames", type=int, default=None)
     s.add_argument("--verify-every", type=int, default=0,
-                   help="compare with the dense model every N frames (0: never)")
+                   help="compare with the dense model every N frames (0: never); exit 1 if off")
+    s.add_argument("--verify-rtol", type=float, default=1e-4,
+                   help="tolerance of the check: max |dense - engine| / max |dense|")
     s.add_argument("--out", default="stream.json", help="JSON output")
     s.set_defaults(func=_cmd_stream)
 

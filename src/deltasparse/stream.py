@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .engine import DeltaEngine
+from .layers import streaming
 
 __all__ = ["StreamVerificationError", "engine_fps", "iter_video", "run_stream", "to_tensor",
            "verify_message", "verify_summary"]
@@ -197,7 +199,7 @@ def run_stream(
     if not rtol > 0:
         raise ValueError(f"rtol must be > 0, got {rtol}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available; use --device cpu")
+        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
     if model is None:
         model, ckpt_size, ckpt_labels = _load(checkpoint)
         size = size or ckpt_size
@@ -205,6 +207,18 @@ def run_stream(
     model = model.to(device).eval()
     dense = getattr(model, "frame_model", model)
     engine = DeltaEngine(model, backend=backend)
+    # Hysteresis layers depend on the stream: the dense reference then streams too (every
+    # frame, its layers keeping their references), and is compared every N-th frame.
+    stateful = any(getattr(m, "mode", "grid") == "hysteresis" for m in dense.modules())
+    with streaming(dense) if verify_every and stateful else nullcontext():
+        return _run(video, checkpoint, model, dense, engine, device=device, size=size,
+                    max_frames=max_frames, verify_every=verify_every, rtol=rtol,
+                    strict=strict, out=out, labels=labels, on_frame=on_frame,
+                    stateful=stateful)  # fmt: skip
+
+
+def _run(video, checkpoint, model, dense, engine, *, device, size, max_frames, verify_every,
+         rtol, strict, out, labels, on_frame, stateful):  # fmt: skip
     frames: list[dict] = []
     checks: list[dict] = []
     prev_eff = prev_dense = 0
@@ -229,6 +243,9 @@ def run_stream(
             info["score"] = float(prob[k])
             if labels is not None and k < len(labels):
                 info["label"] = labels[k]
+        if verify_every and stateful and i % verify_every:
+            with torch.no_grad():
+                dense(x)  # advance the streaming reference
         if verify_every and i % verify_every == 0:
             with torch.no_grad():
                 check = {"frame": i, **_compare(dense(x), y)}

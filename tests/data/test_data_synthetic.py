@@ -80,10 +80,12 @@ def test_bad_arguments_say_what_is_wrong(bad):
 
 
 def test_render_speed_budget():
+    """A guard against an accidental slow path (the demo renders 2,800 videos), not a
+    benchmark: ~40 ms a video with compression on one core, the bound is 10x that."""
     import time
 
-    ds = SyntheticActions(num_videos=20, frames=16, size=64)
+    ds = SyntheticActions(num_videos=10, frames=16, size=64)
     t = time.perf_counter()
-    for i in range(20):
+    for i in range(10):
         ds.render(i)
-    assert (time.perf_counter() - t) / 20 < 0.1  # ~10 ms a video on one core
+    assert (time.perf_counter() - t) / 10 < 0.4

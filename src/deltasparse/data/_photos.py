@@ -70,7 +70,7 @@ def photo_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         out = out[:, ::-1]
     tint = rng.uniform(0.75, 1.2, size=3).astype(np.float32)
-    contrast = np.float32(rng.uniform(0.7, 1.1))
+    contrast = np.float32(rng.uniform(0.4, 0.8))  # scenery, not the subject
     mean = out.mean()
     out = (out - mean) * contrast + mean * tint
     return np.clip(out, 0.0, 255.0).astype(np.float32)

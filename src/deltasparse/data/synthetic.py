@@ -159,7 +159,7 @@ BACKGROUNDS = ("photo", "procedural")
 def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
                  size: tuple[int, int] = (64, 64), split: str = "train", seed: int = 0,
                  shape_noise: float = 0.1, noise_std: float = 2.0,
-                 camera_jitter: int = 1, camera_shake: float = 0.12, flicker: float = 0.01,
+                 camera_jitter: int = 1, camera_shake: float = 0.16, flicker: float = 0.01,
                  background: str = "photo",
                  crf: int | None = 23) -> tuple[np.ndarray, int]:
     """Render video ``index`` of a split: uint8 ``(frames, H, W, 3)`` and its label.
@@ -187,7 +187,7 @@ def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
     aspect = float(np.exp(rng.uniform(-0.25, 0.25)))
     sx, sy = np.sqrt(aspect), 1.0 / np.sqrt(aspect)
     ext = 1.1 * max(sx, sy)
-    r0 = rng.uniform(0.14, 0.22) * min(h, w)
+    r0 = rng.uniform(0.16, 0.24) * min(h, w)
     cx, cy, angle, radius = _trajectory(MOTIONS[label], frames, h, w, r0, ext, rng)
     angle = angle + rng.uniform(-np.pi / 6, np.pi / 6)
     param = rng.uniform(-1.0, 1.0)
@@ -217,8 +217,15 @@ def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
     level = shape_fn(u, v, param)
     alpha = np.clip(0.5 + (1.0 - level) * rad * f32(min(sx, sy)), 0.0, 1.0)[..., None]
 
-    # Texture contrast is moderate so the silhouette (the per-frame class cue) stays whole.
-    c1 = rng.uniform(20.0, 235.0, size=3).astype(f32)
+    # The object stands out from the scene behind it, as the subject of an action clip does
+    # (50-120 grey levels per channel from the background's mean colour); texture contrast is
+    # moderate so that the silhouette (the per-frame class cue) stays whole.
+    bg = canvas.mean(axis=(0, 1))
+    sign = np.where(rng.random(3) < 0.5, -1.0, 1.0)
+    off = rng.uniform(50.0, 120.0, size=3)
+    c1 = bg + sign * off
+    c1 = np.where((c1 < 15.0) | (c1 > 240.0), bg - sign * off, c1)
+    c1 = np.clip(c1, 15.0, 240.0).astype(f32)
     c2 = np.clip(c1 + rng.normal(0.0, 45.0, size=3), 0.0, 255.0).astype(f32)
     tex = texture(u, v, TEXTURES[shape_id], rng)[..., None]
     shade = np.clip(1.0 - 0.12 * v, 0.75, 1.25)[..., None]
@@ -250,7 +257,7 @@ class SyntheticActions(Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  shape_noise: float = 0.1, noise_std: float = 2.0, camera_jitter: int = 1,
-                 camera_shake: float = 0.12, flicker: float = 0.01, background: str = "photo",
+                 camera_shake: float = 0.16, flicker: float = 0.01, background: str = "photo",
                  crf: int | None = 23, cache: bool = False) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")

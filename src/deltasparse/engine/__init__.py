@@ -3,13 +3,14 @@
 from .engine import DeltaEngine
 from .kernels import BACKENDS, Backend, get_backend, has_triton
 from .plan import UnsupportedOpError
-from .stats import EngineStats
+from .stats import EngineStats, FallbackWarning
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "DeltaEngine",
     "EngineStats",
+    "FallbackWarning",
     "UnsupportedOpError",
     "get_backend",
     "has_triton",

@@ -211,7 +211,7 @@ def _build_report(accs: dict[str, _Acc], layers: dict[str, SparsityLayer]) -> Sp
     temporal = any(a.delta_total for a in accs.values())
     for name, a in accs.items():
         if a.act_total == 0:
-            raise RuntimeError(
+            raise ValueError(
                 f"measure(): layer '{name}' never ran; check that the batches reach it"
             )
         use_delta = a.delta_total > 0

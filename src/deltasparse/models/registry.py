@@ -28,5 +28,5 @@ def list_models() -> list[str]:
 def create(name: str, **kwargs) -> nn.Module:
     """Build a registered model by name, e.g. ``create("mobilenet_v1", num_classes=101)``."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
