@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._graph import FanOutError, fan_out_of, trace
+from ._graph import FanOutError, fan_out_of, find_consumers, trace
 from .layers import ActivationL1, DeltaActivation, SparsityLayer, VideoModel
 
 __all__ = ["DeltaConfig", "convert", "revert"]
@@ -268,6 +268,9 @@ def convert(
         inserted.append((site, target, new, opts))
 
     for site, target, new, opts in inserted:
+        spread = None
+        if config.kind == "delta" and opts.get("gate") == "pixel":
+            spread = _spread(gm, new)
         # A per-layer override wins; the config-wide fan_out only fills in where the graph
         # cannot tell (as documented), it must not replace the fan-outs the graph gives.
         fan_out = config.overrides.get(site, {}).get("fan_out")
@@ -281,7 +284,10 @@ def convert(
                         f"(DeltaConfig(fan_out=...) or overrides={{{site!r}: {{'fan_out': ...}}}})"
                     ) from None
                 fan_out = config.fan_out
-        gm.add_submodule(target, config.make_layer(opts, fan_out))
+        layer = config.make_layer(opts, fan_out)
+        if spread is not None:
+            layer.spread = spread
+        gm.add_submodule(target, layer)
     gm.graph.lint()
     gm.recompile()
     gm.meta["deltasparse_config"] = config.to_dict()
@@ -297,6 +303,89 @@ def convert(
             for m, mode in modes.items():
                 m.training = mode
     return gm
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _window(node: fx.Node, modules: dict):
+    """A consumer path op as a max-pooling window ``(k, stride, pad, dilation, ceil)``,
+    ``"global"`` (the op mixes the whole map), ``None`` (keeps pixels) or ``False`` (unknown)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            st = m.stride if m.stride not in (None, [], ()) else m.kernel_size
+            dil = getattr(m, "dilation", 1)
+            return (_pair(m.kernel_size), _pair(st), _pair(m.padding), _pair(dil), bool(m.ceil_mode))
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            return "global" if _pair(m.output_size) == (1, 1) else False
+        if isinstance(m, nn.Flatten):
+            return "global"
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.Dropout, nn.Dropout2d, nn.Identity,
+                          nn.ReLU, nn.ReLU6, nn.Hardtanh)):  # fmt: skip
+            return None
+        return False
+    t = node.target
+    if node.op == "call_function":
+        if t in (F.max_pool2d, F.avg_pool2d):
+            a = list(node.args) + [None] * 4
+            k = a[1] if a[1] is not None else node.kwargs.get("kernel_size")
+            st = a[2] if a[2] is not None else node.kwargs.get("stride") or k
+            pd = a[3] if a[3] is not None else node.kwargs.get("padding", 0)
+            return (_pair(k), _pair(st or k), _pair(pd), (1, 1), False)
+        if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            return "global" if _pair(size) == (1, 1) else False
+        if t is torch.flatten:
+            return "global"
+        return None  # relu, add, cat, dropout: pixels stay where they are
+    if t in ("view", "reshape", "flatten", "mean"):
+        return "global"
+    return None
+
+
+def _spread(gm: fx.GraphModule, node: fx.Node) -> list[dict] | None:
+    """Per consumer of ``node``: the windows from a pixel to the consumer's rows and the MACs
+    of a row (see DeltaActivation.spread); None where a path op is not understood."""
+    modules = dict(gm.named_modules())
+    try:
+        consumers = find_consumers(gm, node)
+    except FanOutError:
+        return None
+    out = []
+    for c in consumers:
+        wins = []
+        for n in c.path:
+            w = _window(n, modules)
+            if w is False:
+                log.info("convert(): no receptive-field loss for '%s' (path op %s)", node.name,
+                         n.name)
+                return None
+            if w is not None:
+                wins.append(w)
+            if w == "global":
+                break
+        m = c.module
+        if "global" not in wins:
+            if isinstance(m, nn.Conv2d):
+                if isinstance(m.padding, str):
+                    return None
+                wins.append((_pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
+                             _pair(m.dilation), False))  # fmt: skip
+            elif isinstance(m, nn.Linear):
+                wins.append("global")
+            else:
+                return None
+        if isinstance(m, nn.Linear):
+            macs = m.in_features * m.out_features
+        elif isinstance(m, nn.Conv2d):
+            kh, kw = _pair(m.kernel_size)
+            macs = kh * kw * (m.in_channels // m.groups) * m.out_channels
+        else:
+            return None
+        out.append({"windows": wins, "macs_per_row": int(macs)})
+    return out or None
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -220,3 +220,60 @@ def test_bad_gate_and_mode_options():
         ds.DeltaActivation(mode="hysteresis", sigma=True)
     with pytest.raises(ValueError, match="grid quantiser"):
         ds.DeltaActivation(num_channels=2, mode="hysteresis").quantize(torch.zeros(1, 2))
+
+
+# -- the receptive-field weights of the pixel loss (DeltaActivation.spread) --------------------
+def test_spread_weights_count_the_consumer_rows_each_change_reaches():
+    """One consumer, a 3x3 conv (padding 1) with 2 output channels on a 4x4 map: a row costs
+    9 * C * 2 MACs. Changes of norm 1 at (1, 1) and 0.5 at (1, 2): the 9 rows around (1, 1)
+    have their largest change there, 3 more rows (column 3) see only (1, 2): the loss is the
+    rows the engine recomputes (12), each weighted by the largest change in its window."""
+    c = 2
+    layer = ds.DeltaActivation(num_channels=c, gate="pixel", mode="grid", sparsity_weight=1.0,
+                               fan_out=9 * 2, threshold_init=0.01)  # fmt: skip
+    macs = 9 * c * 2
+    layer.spread = [{"windows": [((3, 3), (1, 1), (1, 1), (1, 1), False)], "macs_per_row": macs}]
+    x = torch.zeros(1, 2, c, 4, 4)
+    x[0, 1, :, 1, 1] = torch.tensor([0.6, 0.8])  # norm 1.0
+    x[0, 1, :, 1, 2] = torch.tensor([0.3, 0.4])  # norm 0.5
+    layer(x)
+    want = macs * (9 * 1.0 + 3 * 0.5) / math.sqrt(c) / x[:, 1:].numel()
+    assert layer.loss.item() == pytest.approx(want, rel=1e-5)
+    # without the spread the same changes cost the plain group loss
+    plain = ds.DeltaActivation(num_channels=c, gate="pixel", mode="grid", sparsity_weight=1.0,
+                               fan_out=9 * 2, threshold_init=0.01)  # fmt: skip
+    plain(x)
+    assert plain.loss.item() == pytest.approx(18 * math.sqrt(c) * 1.5 / x[:, 1:].numel(),
+                                              rel=1e-5)  # fmt: skip
+
+
+def test_spread_weights_through_a_pool_and_gradients():
+    """A 2x2 max pool, then a 1x1 conv: a change costs one pooled row; two changes inside one
+    pool window cost one row, at the larger change (the smaller one gets no gradient)."""
+    layer = ds.DeltaActivation(num_channels=1, gate="pixel", mode="grid", sparsity_weight=1.0,
+                               threshold_init=0.01)  # fmt: skip
+    layer.spread = [{"windows": [((2, 2), (2, 2), (0, 0), (1, 1), False),
+                                 ((1, 1), (1, 1), (0, 0), (1, 1), False)], "macs_per_row": 5}]
+    x = torch.zeros(1, 2, 1, 4, 4)
+    x[0, 1, 0, 0, 0], x[0, 1, 0, 1, 1], x[0, 1, 0, 3, 3] = 2.0, 1.0, 0.5
+    x.requires_grad_()
+    layer(x)
+    assert layer.loss.item() == pytest.approx(5 * (2.0 + 0.5) / 16, rel=1e-5)
+    layer.loss.backward()
+    g = x.grad[0, 1, 0]
+    assert g[0, 0] > 0 and g[3, 3] > 0 and g[1, 1] == 0  # (1, 1) is not its window's max
+
+
+def test_convert_gives_pixel_gates_their_consumer_windows():
+    model = ds.models.create("convnet", num_classes=3, width_mult=0.5)
+    gm = ds.convert(model, ds.DeltaConfig(gate="pixel", on_input=True))
+    layers = dict(ds.layers.sparsity_layers(gm))
+    first = layers["features.2_delta"].spread
+    assert first == [{"windows": [((2, 2), (2, 2), (0, 0), (1, 1), False),
+                                  ((3, 3), (1, 1), (1, 1), (1, 1), False)],
+                      "macs_per_row": 9 * 12 * 24}]  # fmt: skip
+    last = layers["features.14_delta"].spread  # max pool, global pool, flatten, linear
+    assert last[0]["windows"][-1] == "global" and last[0]["macs_per_row"] == 96 * 3
+    assert layers["input_delta"].spread[0]["macs_per_row"] == 9 * 3 * 12
+    scalar = ds.convert(ds.models.create("convnet", num_classes=3), ds.DeltaConfig())
+    assert all(m.spread is None for _, m in ds.layers.sparsity_layers(scalar))

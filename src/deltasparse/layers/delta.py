@@ -130,7 +130,7 @@ class _GateDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, thr: torch.Tensor, thr_shape: torch.Size, mode: str,
-                pixel: bool):  # fmt: skip
+                pixel: bool, weight_fn=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         tf = thr.float()
         if mode == "grid":
@@ -156,11 +156,18 @@ class _GateDelta(torch.autograd.Function):
         else:
             c = d.shape[2]
             norm = torch.linalg.vector_norm(d.float(), dim=2, keepdim=True)
-            loss_sum = math.sqrt(c) * norm.sum()
+            # loss_sum = sum_p W_p ||d_p|| / sqrt(C): W_p = C (the plain group loss, times the
+            # layer's fan-out outside), or what weight_fn gives (the executed MACs a change of
+            # pixel p triggers in the consumers, see DeltaActivation.spread)
+            if weight_fn is None:
+                loss_sum = math.sqrt(c) * norm.sum()
+                s = (d.float() * (math.sqrt(c) / norm.clamp_min(1e-30))).to(d.dtype)
+            else:
+                w = weight_fn(norm)
+                loss_sum = (w * norm).sum() / math.sqrt(c)
+                s = (d.float() * (w / (math.sqrt(c) * norm.clamp_min(1e-30)))).to(d.dtype)
             finite = math.isfinite(loss_sum.item()) if cpu else None
             nonzero = count_nonzero(norm, finite=finite) * c
-            # dloss/dd = sqrt(C) d_p / ||d_p|| (0 where the pixel did not change)
-            s = (d.float() * (math.sqrt(c) / norm.clamp_min(1e-30))).to(d.dtype)
         ctx.save_for_backward(levels, s)
         ctx.thr_shape = thr_shape
         ctx.mark_non_differentiable(nonzero)
@@ -186,7 +193,7 @@ class _GateDelta(torch.autograd.Function):
         grad_thr = None
         if g is not None and ctx.needs_input_grad[1]:
             grad_thr = torch.mul(g.float(), levels).sum_to_size(ctx.thr_shape).neg_()
-        return g, grad_thr, None, None, None
+        return g, grad_thr, None, None, None, None
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -249,6 +256,10 @@ class DeltaActivation(SparsityLayer):
             )
         self.gate = gate
         self.mode = mode
+        # For pixel gates: the consumers as convert() found them, so that the loss counts the
+        # rows each change reaches ({"windows": [(k, stride, pad, dilation, ceil) | "global"],
+        # "macs_per_row": int} per consumer); None: the plain group loss.
+        self.spread: list[dict] | None = None
         # The reference of a hysteresis layer streaming frame by frame; not saved.
         self.register_buffer("_ref", None, persistent=False)
         self.streaming = False  # set by deltasparse.streaming(model)
@@ -338,6 +349,41 @@ class DeltaActivation(SparsityLayer):
     def pixel(self) -> bool:
         return self.gate == "pixel"
 
+    @torch.no_grad()
+    def _spread_weights(self, norm: torch.Tensor) -> torch.Tensor:
+        """``W_p`` of the pixel loss: per consumer, the consumer's rows whose window (through
+        the pools on the way) has its largest change at pixel ``p``, times the MACs of a row.
+
+        ``norm`` is ``(B, T-1, 1, *spatial)``; the sum of ``W_p * norm_p`` over pixels is then
+        the sum over the consumers' rows of the largest change in each row's window times the
+        row's MACs: what the engine executes for these changes, weighted by their size (an
+        isolated change pays for every row it reaches, a change next to others shares them).
+        """
+        shape = norm.shape
+        m = norm.reshape(-1, 1, *shape[3:])
+        if m.dim() != 4:  # (N, F) maps: one row per sample, nothing spreads
+            return torch.full_like(norm, float(sum(c["macs_per_row"] for c in self.spread)))
+        n, _, h, w = m.shape
+        pos = torch.arange(h * w, device=m.device, dtype=torch.float64)
+        pos = pos.reshape(1, 1, h, w).expand(n, 1, h, w)
+        total = torch.zeros(n, h * w, dtype=torch.float64, device=m.device)
+        for cons in self.spread:
+            x, where = m, pos
+            for win in cons["windows"]:
+                if win == "global":
+                    flat = x.reshape(n, -1)
+                    i = flat.argmax(1, keepdim=True)
+                    where = where.reshape(n, -1).gather(1, i)
+                    x = flat.gather(1, i)
+                    break
+                k, st, pd, dl, ceil = win
+                x, i = F.max_pool2d(x, k, st, pd, dl, ceil_mode=ceil, return_indices=True)
+                where = where.reshape(n, 1, -1).gather(2, i.reshape(n, 1, -1)).reshape(i.shape)
+            total.scatter_add_(1, where.reshape(n, -1).long(),
+                               torch.full(where.reshape(n, -1).shape, float(cons["macs_per_row"]),
+                                          dtype=torch.float64, device=m.device))  # fmt: skip
+        return total.to(norm.dtype).reshape(shape)
+
     def reset_state(self) -> None:
         """Forget the stream reference of a hysteresis layer (the next frame starts a stream)."""
         self._ref = None
@@ -393,8 +439,11 @@ class DeltaActivation(SparsityLayer):
         s = torch.cumsum(clip, dim=1) if self.sigma else clip
         a = _activate(s, self.activation)
         thr = self._clip_threshold(clip.dim())
-        q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode, self.pixel)
-        self.loss = self.sparsity_weight * self.fan_out * loss_sum / d.numel()
+        weight_fn = self._spread_weights if (self.pixel and self.spread) else None
+        q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode, self.pixel,
+                                                   weight_fn)  # fmt: skip
+        scale = 1.0 if weight_fn is not None else self.fan_out
+        self.loss = self.sparsity_weight * scale * loss_sum / d.numel()
         self.stats = LayerStats(nonzero, d.numel(), self.fan_out)
         out = torch.cat([q[:, :1], d], dim=1) if self.delta_output else q
         return out.reshape(in_shape)
