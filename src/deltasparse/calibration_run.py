@@ -49,8 +49,9 @@ def calibrate_run(checkpoint: str | Path, out: str | Path, *, target: dict | str
                          f"but {checkpoint} is a {cfg.phase!r} run")
     if not isinstance(clips, int) or clips < 1:
         raise ValueError(f"--clips must be an integer >= 1, got {clips!r}")
-    ccfg = dataclasses.replace(cfg, phase="calibrated", out=str(out), init_from=str(checkpoint),
-                               gate=gate, mode=mode, input_gate=input_gate)  # fmt: skip
+    ccfg = dataclasses.replace(cfg, phase="calibrated", out=str(out), name=out.name,
+                               init_from=str(checkpoint), gate=gate, mode=mode,
+                               input_gate=input_gate)  # fmt: skip
     train_set, eval_set, num_classes = build_datasets(ccfg)
     torch.manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,

@@ -27,6 +27,7 @@ PLOT_FILES = {
     "layer_density": "layer_density.png",
     "threshold_histograms": "threshold_histograms.png",
     "training_curves": "training_curves.png",
+    "engine": "engine.png",
 }
 
 
@@ -88,6 +89,7 @@ def build_report(
         "layer_density": summary.density_series(layer_rows, rows),
         "threshold_histograms": thresholds,
         "training_curves": {"runs": summary.curve_series(runs, rows)},
+        "engine": summary.engine_series(runs, rows),
     }
     reasons = {
         "accuracy_vs_reduction": (
@@ -107,12 +109,18 @@ def build_report(
             not plot_data["training_curves"]["runs"],
             "No run has logged epochs in metrics.json.",
         ),
+        "engine": (
+            not plot_data["engine"]["runs"],
+            "No run has an engine stage (engine.json, written by the demo or by "
+            "`deltasparse eval --engine --out RUN/engine.json`).",
+        ),
     }
     drawers = {
         "accuracy_vs_reduction": lambda d, p: plots.plot_accuracy(d["points"], p),
         "layer_density": plots.plot_layer_density,
         "threshold_histograms": plots.plot_thresholds,
         "training_curves": lambda d, p: plots.plot_curves(d["runs"], p),
+        "engine": plots.plot_engine,
     }
 
     out = Path(out_dir)
@@ -138,6 +146,7 @@ def build_report(
             "deltasparse_version": _version(),
             "runs": rows,
             "comparisons": summary.comparisons(rows),
+            "engine": summary.engine_rows(runs, rows),
             "plots": plot_data,
             "layers": layer_rows,
             "notes": notes,

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy", "plot_curves", "plot_layer_density", "plot_thresholds"]
+__all__ = ["plot_accuracy", "plot_curves", "plot_engine", "plot_layer_density", "plot_thresholds"]
 
 _RC = {
     "font.size": 10,
@@ -213,4 +213,56 @@ def plot_curves(curves: list[dict[str, Any]], path: Path) -> None:
         fig.legend([Line2D([], [], color=c["color"], linewidth=3) for c in curves],
                    [c["run"] for c in curves], loc="outside upper right",
                    ncols=min(5, len(curves)), frameon=False)  # fmt: skip
+        _save(fig, path)
+
+
+def plot_engine(data: dict[str, Any], path: Path) -> None:
+    """The engine stage: latency per frame (dense vs delta), executed density over the frames
+    of a stream, and executed density per layer."""
+    import matplotlib
+    import numpy as np
+
+    runs = data["runs"]
+    with matplotlib.rc_context(_RC):
+        fig = _figure(13.0, 4.4)
+        ax_lat, ax_t, ax_l = fig.subplots(1, 3, width_ratios=[1.0, 1.2, 1.4])
+        labels, boxes, colors = [], [], []
+        for r in runs:
+            for kind, key in (("dense", "latency_dense"), ("delta", "latency_delta")):
+                if r[key]:
+                    labels.append(f"{r['run']}: {kind}")
+                    boxes.append(r[key])
+                    colors.append(r["color"] if kind == "delta" else "0.6")
+        if boxes:
+            bp = ax_lat.boxplot(boxes, showfliers=False, patch_artist=True)
+            for patch, c in zip(bp["boxes"], colors, strict=True):
+                patch.set_facecolor(c)
+                patch.set_alpha(0.6)
+            ax_lat.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right",
+                              fontsize=8)  # fmt: skip
+        ax_lat.set_ylabel("ms per frame (steady state)")
+        ax_lat.set_ylim(0, None)
+        ax_lat.set_title("Latency per frame")
+        for r in runs:
+            d = _nan(r["density_over_time"])
+            ax_t.plot(np.arange(len(d)), [100 * v for v in d], marker="o", markersize=3,
+                      color=r["color"], label=r["run"])  # fmt: skip
+        ax_t.set_xlabel("frame of the stream (0: dense first frame)")
+        ax_t.set_ylabel("executed MACs / dense MACs (%)")
+        ax_t.set_ylim(0, 105)
+        ax_t.set_title("Executed density over time")
+        ax_t.legend(frameon=False)
+        names = [n for n, _ in runs[0]["layers"]] if runs else []
+        x = np.arange(len(names))
+        width = 0.84 / max(len(runs), 1)
+        for j, r in enumerate(runs):
+            vals = dict(r["layers"])
+            ax_l.bar(x + (j - (len(runs) - 1) / 2) * width,
+                     [100 * (vals.get(n) or 0) for n in names], width, color=r["color"],
+                     label=r["run"])  # fmt: skip
+        ax_l.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax_l.set_ylabel("executed density (%)")
+        ax_l.set_ylim(0, 105)
+        ax_l.set_title("Executed density per layer (steady state)")
+        ax_l.grid(axis="x", visible=False)
         _save(fig, path)

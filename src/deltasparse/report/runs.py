@@ -1,4 +1,4 @@
-"""Read one training run folder (``config.json``, ``metrics.json``, ``eval.json``).
+"""Read one run folder (``config.json``, ``metrics.json``, ``eval.json``, ``engine.json``).
 
 Only ``config.json`` is required: a run that has not been evaluated or has logged no epoch
 yet still gets a report, and :attr:`RunData.missing` says what could not be shown.
@@ -17,7 +17,7 @@ __all__ = ["PHASES", "RunData", "load_run"]
 log = logging.getLogger(__name__)
 
 #: Training phases in the order of the paper's pipeline (dense → spatial L1 → temporal delta).
-PHASES = ("baseline", "l1", "delta_scratch", "delta")
+PHASES = ("baseline", "l1", "delta_scratch", "delta", "calibrated")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunData:
     config: dict[str, Any]
     epochs: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None  # engine.json: the held-out videos through the engine
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -105,6 +106,12 @@ def load_run(path: str | Path) -> RunData:
             "not evaluated (no eval.json): no test accuracy, op reduction or per-layer "
             "densities; run `deltasparse eval` on this folder"
         )
+    engine_path = path / "engine.json"
+    if engine_path.is_file():
+        eng = _read_json(engine_path)
+        if not isinstance(eng, dict):
+            raise ValueError(f"{engine_path} must hold a JSON object, not {type(eng).__name__}")
+        run.engine = eng
     for m in run.missing:
         log.info("report: run %s: %s", run.name, m)
     return run

@@ -20,6 +20,8 @@ __all__ = [
     "counted_density",
     "curve_series",
     "density_series",
+    "engine_rows",
+    "engine_series",
     "finite",
     "layer_rows",
     "sanitize",
@@ -93,6 +95,7 @@ def summary_row(run: RunData, color: str) -> dict[str, Any]:
         "effective_macs_per_frame": finite(sp.get("effective_macs_per_frame")),
         "dense_macs_per_frame": finite(sp.get("dense_macs_per_frame")),
         "mac_fraction": finite(sp.get("mac_fraction")),
+        "executed_fraction": finite(sp.get("executed_fraction")),
         "sparsity_mode": sp.get("mode"),
         "num_clips": ev.get("num_clips"),
         "num_videos": ev.get("num_videos"),
@@ -298,3 +301,40 @@ def curve_series(runs: list[RunData], summary: list[dict[str, Any]]) -> list[dic
             d[k] = [finite(e.get(k)) for e in run.epochs]
         out.append(d)
     return out
+
+
+_ENGINE_FIELDS = ("executed_density", "executed_density_with_first", "predicted_density",
+                  "prediction_error", "dense_ms_per_frame", "delta_ms_per_frame", "speedup",
+                  "dense_baseline", "accuracy", "agreement", "streams", "threads", "backend",
+                  "videos")  # fmt: skip
+
+
+def engine_rows(runs: list[RunData], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run with an engine stage (``engine.json``)."""
+    out = []
+    for run, row in zip(runs, rows, strict=True):
+        if run.engine:
+            e = {k: run.engine.get(k) for k in _ENGINE_FIELDS}
+            out.append({"run": row["name"], "color": row["color"], **e})
+    return out
+
+
+def engine_series(runs: list[RunData], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Plot data of the engine stage: latency per frame (dense and delta), executed density
+    over the frames of a stream and per layer."""
+    series = []
+    for run, row in zip(runs, rows, strict=True):
+        e = run.engine
+        if not e:
+            continue
+        lat = e.get("latency_ms") or {}
+        series.append({
+            "run": row["name"], "color": row["color"],
+            "latency_delta": lat.get("delta") or [],
+            "latency_dense": lat.get("fused") if e.get("dense_baseline") == "fused"
+            else lat.get("engine_dense") or [],
+            "dense_baseline": e.get("dense_baseline"),
+            "density_over_time": e.get("density_over_time") or [],
+            "layers": [(r["name"], r.get("executed_density")) for r in e.get("layers") or []],
+        })  # fmt: skip
+    return {"runs": series}
