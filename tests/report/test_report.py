@@ -89,7 +89,21 @@ def make_run(root: Path, phase: str, *, evaluated: bool = True, epochs: int = 6,
             "op_fraction": frac, "op_reduction": 1 / frac, "num_clips": 3783,
             "num_videos": 3783, "skipped_videos": 0, "sparsity": sparsity,
         }))  # fmt: skip
+    if evaluated and phase == "delta":
+        (run / "engine.json").write_text(json.dumps(ENGINE))
     return run
+
+
+ENGINE = {  # what deltasparse.exploit writes, abridged
+    "executed_density": 0.18, "executed_density_with_first": 0.23, "predicted_density": 0.181,
+    "prediction_error": 0.0056, "dense_ms_per_frame": 1.2, "delta_ms_per_frame": 0.3,
+    "speedup": 4.0, "dense_baseline": "fused", "accuracy": 0.697, "agreement": 0.995,
+    "streams": 32, "threads": 2, "backend": "cpp", "videos": 840,
+    "density_over_time": [1.0, 0.15, 0.18, 0.2],
+    "layers": [{"name": "features.0", "kind": "conv", "executed_density": 0.1},
+               {"name": "classifier", "kind": "linear", "executed_density": 0.9}],
+    "latency_ms": {"fused": [1.1, 1.2, 1.3], "engine_dense": [1.5, 1.6], "delta": [0.3, 0.31]},
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +126,13 @@ def test_writes_html_json_and_pngs(built):
         assert report["plots"][key]["file"] == fname
         assert _is_png(out / fname), fname
     assert json.loads((out / "report.json").read_text()) == report
+    # the engine stage of the one run that has engine.json, and the executed column
+    (eng,) = report["engine"]
+    assert eng["run"] == "mnv1-delta" and eng["speedup"] == 4.0
+    assert eng["executed_density"] == 0.18 and eng["predicted_density"] == 0.181
+    series = report["plots"]["engine"]["runs"][0]
+    assert series["latency_dense"] == ENGINE["latency_ms"]["fused"]  # the faster baseline
+    assert series["latency_delta"] == ENGINE["latency_ms"]["delta"]
 
 
 def test_html_is_self_contained(built):
