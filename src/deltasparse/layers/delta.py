@@ -155,17 +155,20 @@ class _GateDelta(torch.autograd.Function):
             nonzero = count_nonzero(d, sgn=s, finite=finite)
         else:
             c = d.shape[2]
-            norm = torch.linalg.vector_norm(d.float(), dim=2, keepdim=True)
+            df = d.float()
+            # the channels' L2 norm; (d*d).sum is ~20x faster than linalg.vector_norm here
+            norm = (df * df).sum(2, keepdim=True).sqrt_()
             # loss_sum = sum_p W_p ||d_p|| / sqrt(C): W_p = C (the plain group loss, times the
             # layer's fan-out outside), or what weight_fn gives (the executed MACs a change of
             # pixel p triggers in the consumers, see DeltaActivation.spread)
-            if weight_fn is None:
+            w = None if weight_fn is None else weight_fn(norm)
+            if w is None:  # the plain group loss
                 loss_sum = math.sqrt(c) * norm.sum()
-                s = (d.float() * (math.sqrt(c) / norm.clamp_min(1e-30))).to(d.dtype)
+                factor = math.sqrt(c) / norm.clamp_min(1e-30)
             else:
-                w = weight_fn(norm)
                 loss_sum = (w * norm).sum() / math.sqrt(c)
-                s = (d.float() * (w / (math.sqrt(c) * norm.clamp_min(1e-30)))).to(d.dtype)
+                factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
+            s = (df * factor).to(d.dtype)
             finite = math.isfinite(loss_sum.item()) if cpu else None
             nonzero = count_nonzero(norm, finite=finite) * c
         ctx.save_for_backward(levels, s)
@@ -361,13 +364,18 @@ class DeltaActivation(SparsityLayer):
         """
         shape = norm.shape
         m = norm.reshape(-1, 1, *shape[3:])
-        if m.dim() != 4:  # (N, F) maps: one row per sample, nothing spreads
+        one = ((1, 1), (1, 1), (0, 0), (1, 1), False)
+        if m.dim() != 4 or all(all(w == one for w in c["windows"]) for c in self.spread):
+            # (N, F) maps (one row per sample) or 1x1 consumers: a change reaches one row
             return torch.full_like(norm, float(sum(c["macs_per_row"] for c in self.spread)))
         n, _, h, w = m.shape
-        pos = torch.arange(h * w, device=m.device, dtype=torch.float64)
+        pos = torch.arange(h * w, device=m.device, dtype=torch.float32)  # exact below 2**24
         pos = pos.reshape(1, 1, h, w).expand(n, 1, h, w)
-        total = torch.zeros(n, h * w, dtype=torch.float64, device=m.device)
+        total = torch.zeros(n, h * w, dtype=torch.float32, device=m.device)
         for cons in self.spread:
+            if all(w == one for w in cons["windows"]):
+                total += float(cons["macs_per_row"])
+                continue
             x, where = m, pos
             for win in cons["windows"]:
                 if win == "global":
@@ -379,9 +387,9 @@ class DeltaActivation(SparsityLayer):
                 k, st, pd, dl, ceil = win
                 x, i = F.max_pool2d(x, k, st, pd, dl, ceil_mode=ceil, return_indices=True)
                 where = where.reshape(n, 1, -1).gather(2, i.reshape(n, 1, -1)).reshape(i.shape)
-            total.scatter_add_(1, where.reshape(n, -1).long(),
-                               torch.full(where.reshape(n, -1).shape, float(cons["macs_per_row"]),
-                                          dtype=torch.float64, device=m.device))  # fmt: skip
+            idx = where.reshape(n, -1).long()
+            total.scatter_add_(1, idx, torch.full(idx.shape, float(cons["macs_per_row"]),
+                                                  device=m.device))  # fmt: skip
         return total.to(norm.dtype).reshape(shape)
 
     def reset_state(self) -> None:
