@@ -1,0 +1,204 @@
+"""Render the README's result tables from the committed JSON of bench/results/.
+
+    python bench/readme_tables.py            # rewrite the tables in README.md
+    python bench/readme_tables.py --check    # exit 1 if README.md differs from the JSON
+
+Every figure of the README's result tables comes from a JSON file a benchmark script wrote;
+this script only formats them. A table sits between ``<!-- table: NAME -->`` and
+``<!-- /table -->`` in README.md; the test suite runs ``--check``, so a table can not drift
+from its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _pct(v, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _x(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}×"
+
+
+def _ms(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _source(d: dict, name: str) -> str:
+    cmd = d.get("command")
+    bits = [f"`bench/results/{name}`"]
+    if cmd:
+        bits.append(f"`{cmd}`")
+    if d.get("torch"):
+        bits.append(f"torch {d['torch']}")
+    return "Source: " + ", ".join(bits) + "."
+
+
+def demo() -> str:
+    name = "demo_full_summary.json"
+    d = _load(name)
+    head = ["run", "accuracy", "op_fraction (counted)", "executed (predicted)",
+            "executed (engine)", "engine ms/frame", "dense ms/frame", "speedup", "agreement"]
+    rows = []
+    for run, r in d["runs"].items():
+        e = r.get("engine") or {}
+        rows.append([
+            run, _pct(r["accuracy"], 2), _pct(r["op_fraction"], 2),
+            _pct(r.get("executed_fraction")), _pct(e.get("executed_density")),
+            _ms(e.get("delta_ms_per_frame"), 3), _ms(e.get("dense_ms_per_frame"), 3),
+            _x(e.get("speedup")), _pct(e.get("agreement")),
+        ])  # fmt: skip
+    checks = d.get("acceptance", {}).get("checks", {})
+    lines = [_table(head, rows), ""]
+    if checks:
+        lines.append("Checks of the run: " + "; ".join(
+            f"{k} **{'yes' if v else 'no'}**" for k, v in checks.items()) + ".")
+    s = d.get("settings", {})
+    lines.append(f"{_source(d, name)} {d['elapsed_s'] / 60:.1f} minutes in all; engine stage "
+                 f"with {s.get('streams')} videos per batch at {s.get('threads')} threads.")
+    return "\n".join(lines)
+
+
+def footage() -> str:
+    name = "footage_realism.json"
+    d = _load(name)
+    syn, clean = d["synthetic"], d["clean_rendering"]
+    rows = [
+        ["camera footage (decoded H.264)", "65–79%", "11%", "2%"],
+        ["synthetic, as embedded (photo scene, shake, flicker, noise, x264 CRF 23)",
+         _pct(syn["64x64"]["any"]["mean"]), _pct(syn["720p"]["gt8"]["mean"]),
+         _pct(syn["720p"]["gt24"]["mean"])],
+        ["synthetic, clean rendering (earlier versions)", _pct(clean["64x64"]["any"]["mean"]),
+         _pct(clean["720p"]["gt8"]["mean"]), _pct(clean["720p"]["gt24"]["mean"])],
+    ]  # fmt: skip
+    head = ["frames", "64×64: pixels that change at all", "720p: change > 8/255",
+            "720p: change > 24/255"]
+    return _table(head, rows) + "\n\n" + _source(d, name)
+
+
+def gate_modes() -> str:
+    name = "gate_modes.json"
+    d = _load(name)
+    head = ["footage", "layer", "accuracy", "op_fraction (counted)", "executed (predicted)"]
+    rows = []
+    for r in d["runs"]:
+        rows.append([r["footage"], r["variant"], _pct(r["accuracy"], 1),
+                     _pct(r["op_fraction"], 1), _pct(r["executed_fraction"], 1)])
+    return _table(head, rows) + "\n\n" + _source(d, name)
+
+
+def engine_cpu() -> str:
+    name = "engine_cpu.json"
+    d = _load(name)
+    head = ["res", "threads", "target", "density", "fused dense ms", "delta ms",
+            "speedup vs fused dense", "ideal", "vs eager model"]
+    rows = []
+    for r in d["rows"]:
+        rows.append([
+            r["resolution"], str(r["threads"]), _pct(r["target_density"], 0), _pct(r["density"]),
+            _ms(r["fused_dense_ms"], 1), _ms(r["delta_ms"], 1), _x(r["speedup_vs_fused_dense"]),
+            _x(r["ideal_speedup"]), _x(r["achieved_speedup"]),
+        ])  # fmt: skip
+    return _table(head, rows) + "\n\n" + _source(d, name)
+
+
+def engine_gpu() -> str:
+    name = "engine_gpu.json"
+    d = _load(name)
+    head = ["res", "density", "delta ms (fp32 engine, graph)", "dense fp32 graph",
+            "dense fp32 graph, BN folded", "dense **bf16** graph", "vs best fp32",
+            "vs bf16"]  # fmt: skip
+    rows = []
+    for res in d["resolutions"]:
+        fp32 = min(res["dense_fp32_graph_ms"], res["dense_fp32_graph_bnfolded_ms"])
+        for p in res["points"]:
+            if p["triton_graph_density"] <= 0.0 or p["triton_graph_density"] > 0.5:
+                continue
+            ms = p["triton_graph_ms"]
+            rows.append([
+                res["resolution"], _pct(p["triton_graph_density"]), _ms(ms, 3),
+                _ms(res["dense_fp32_graph_ms"], 3), _ms(res["dense_fp32_graph_bnfolded_ms"], 3),
+                _ms(res["dense_bf16_graph_ms"], 3), _x(fp32 / ms), _x(res["dense_bf16_graph_ms"] / ms),
+            ])  # fmt: skip
+    return _table(head, rows) + "\n\n" + (
+        f"Source: `bench/results/{name}` (`python bench/engine_gpu.py` on one {d['device']}, "
+        f"torch {d['torch']}, triton {d.get('triton')}; {d['settings']}; {d['timing']}).")
+
+
+def train_overhead() -> str:
+    name = "train_overhead.json"
+    d = _load(name)
+    variants = [v for v in ("l1", "delta", "pixel", "pixel_hyst") if v in d["runs"][0]["median_s"]]
+    head = ["threads", "plain ms", *[f"{v} (× plain)" for v in variants]]
+    rows = []
+    for r in d["runs"]:
+        spread = statistics.pstdev(r["times_s"]["plain"]) * 1e3
+        rows.append([str(r["threads"]), f"{1e3 * r['median_s']['plain']:.1f} ± {spread:.1f}",
+                     *[_x(r["ratio_vs_plain"][v]) for v in variants]])
+    return _table(head, rows) + "\n\n" + _source(d, name) + f" Clip {d['clip']}, medians of " \
+        f"{d['repeats']} interleaved steps."
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
+    "engine_gpu": engine_gpu, "train_overhead": train_overhead,
+}  # fmt: skip
+
+
+def render(text: str) -> str:
+    out, pos = [], 0
+    while True:
+        start = text.find("<!-- table: ", pos)
+        if start < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        head_end = text.index("-->", start) + 3
+        name = text[start + len("<!-- table: "):head_end - 3].strip()
+        end = text.index("<!-- /table -->", head_end)
+        if name not in TABLES:
+            raise SystemExit(f"README.md: unknown table {name!r}; known: {sorted(TABLES)}")
+        out.append(text[pos:head_end] + "\n" + TABLES[name]() + "\n")
+        pos = end
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only compare, do not write")
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = p.parse_args()
+    path = Path(args.readme)
+    old = path.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print(f"{path}: tables differ from bench/results; run python bench/readme_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    print(f"{path}: tables rendered from bench/results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
