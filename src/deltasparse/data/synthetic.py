@@ -71,8 +71,8 @@ def _trajectory(motion: str, frames: int, h: int, w: int, r0: float, ext: float,
     angle = np.zeros(frames)
 
     if motion in ("Approach", "Recede"):
-        r_small = rng.uniform(0.11, 0.15) * side
-        growth = rng.uniform(1.02, 1.05)
+        r_small = rng.uniform(0.09, 0.12) * side
+        growth = rng.uniform(1.01, 1.03)
         growth = min(growth, (0.28 * side / r_small) ** (1.0 / n))
         radius = r_small * growth ** t
         if motion == "Recede":
@@ -80,7 +80,7 @@ def _trajectory(motion: str, frames: int, h: int, w: int, r0: float, ext: float,
     elif motion in ("RotateClockwise", "RotateCounterClockwise"):
         # +angle turns clockwise on screen because image y points down.
         sign = 1.0 if motion == "RotateClockwise" else -1.0
-        angle = sign * rng.uniform(0.05, 0.12) * t
+        angle = sign * rng.uniform(0.03, 0.07) * t
 
     m = ext * float(radius.max()) + 1.0  # margin keeping the object inside the frame
 
@@ -90,7 +90,7 @@ def _trajectory(motion: str, frames: int, h: int, w: int, r0: float, ext: float,
     if motion in _DIRECTIONS:
         dx, dy = _DIRECTIONS[motion]
         room = min(w - 2 * m if dx else np.inf, h - 2 * m if dy else np.inf)
-        speed = min(rng.uniform(0.012, 0.025) * side, 0.95 * max(room, 0.0) / n)
+        speed = min(rng.uniform(0.008, 0.016) * side, 0.95 * max(room, 0.0) / n)
         tx, ty = dx * speed * n, dy * speed * n
         x0 = start(m - min(tx, 0), w - m - max(tx, 0))
         y0 = start(m - min(ty, 0), h - m - max(ty, 0))
@@ -99,13 +99,13 @@ def _trajectory(motion: str, frames: int, h: int, w: int, r0: float, ext: float,
         horizontal = motion == "SwingHorizontal"
         amp = min(rng.uniform(0.08, 0.15) * side, max(((w if horizontal else h) - 2 * m) / 2, 0))
         phase = rng.uniform(0.0, 2.0 * np.pi)
-        wave = amp * np.sin(2.0 * np.pi * t / rng.uniform(6.0, 12.0) + phase)
+        wave = amp * np.sin(2.0 * np.pi * t / rng.uniform(12.0, 24.0) + phase)
         ax, ay = (amp, 0.0) if horizontal else (0.0, amp)
         cx = start(m + ax, w - m - ax) + (wave if horizontal else 0.0)
         cy = start(m + ay, h - m - ay) + (0.0 if horizontal else wave)
     elif motion == "OrbitClockwise":
         rad = min(rng.uniform(0.08, 0.14) * side, max((min(h, w) - 2 * m) / 2, 0))
-        phi = rng.uniform(0.0, 2.0 * np.pi) + rng.uniform(0.25, 0.5) * t
+        phi = rng.uniform(0.0, 2.0 * np.pi) + rng.uniform(0.12, 0.25) * t
         cx = start(m + rad, w - m - rad) + rad * np.cos(phi)
         cy = start(m + rad, h - m - rad) + rad * np.sin(phi)
     else:  # rotation and scaling happen in place
@@ -187,7 +187,7 @@ def render_video(index: int, *, num_classes: int = 10, frames: int = 16,
     aspect = float(np.exp(rng.uniform(-0.25, 0.25)))
     sx, sy = np.sqrt(aspect), 1.0 / np.sqrt(aspect)
     ext = 1.1 * max(sx, sy)
-    r0 = rng.uniform(0.16, 0.24) * min(h, w)
+    r0 = rng.uniform(0.12, 0.2) * min(h, w)
     cx, cy, angle, radius = _trajectory(MOTIONS[label], frames, h, w, r0, ext, rng)
     angle = angle + rng.uniform(-np.pi / 6, np.pi / 6)
     param = rng.uniform(-1.0, 1.0)
