@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from deltasparse.data import SyntheticActions, write_ucf101_layout
+from deltasparse.data import SyntheticActions, write_class_folders
 from deltasparse.train import TrainConfig, train
 
 FOOTAGE = {
@@ -56,11 +56,12 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = []
     for footage, render in FOOTAGE.items():
-        data = work / footage / "data"
-        if not (data / "ucfTrainTestlist" / "classInd.txt").is_file():
+        data = work / footage / "data"  # a plain folder of class folders, as camera footage
+        if not (data / ".complete").is_file():
             ds = SyntheticActions(num_videos=args.videos, num_classes=10, frames=16, size=64,
-                                  seed=0, **render)  # fmt: skip
-            write_ucf101_layout(ds, data, fmt="mp4")
+                                  seed=1, **render)  # fmt: skip
+            write_class_folders(ds, data)
+            (data / ".complete").write_text("")
         base = TrainConfig(data=str(data), cache_dir=str(work / footage / "cache"), resolution=64,
                            resize=64, model="convnet", width=1.0, device="cpu", clip_len=4,
                            eval_clip_len=8, eval_clips_per_video=2, batch_size=32,

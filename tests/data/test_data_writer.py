@@ -83,3 +83,17 @@ def test_write_video_rejects_bad_input(tmp_path):
         write_video(tmp_path / "x.mp4", np.zeros((2, 16, 16, 3), np.float32))
     with pytest.raises(DatasetError, match="extension"):
         write_video(tmp_path / "x.mov", np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_write_class_folders_is_a_plain_folder_layout(tmp_path):
+    from deltasparse.data import VideoFolder, write_class_folders
+
+    ds = SyntheticActions(num_videos=20, num_classes=4, frames=6, size=(32, 32))
+    rels = write_class_folders(ds, tmp_path)
+    assert len(rels) == 20 and all((tmp_path / r).is_file() for r in rels)
+    assert not (tmp_path / "ucfTrainTestlist").exists()
+    test = VideoFolder(tmp_path, train=False, clip_len=4)
+    train = VideoFolder(tmp_path, train=True, clip_len=4)
+    assert test.layout == "folder" and sorted(test.class_names) == sorted(ds.class_names)
+    assert len(test.videos) + len(train.videos) == 20  # every video in exactly one split
+    assert not {v.path for v in test.videos} & {v.path for v in train.videos}

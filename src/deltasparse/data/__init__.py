@@ -23,7 +23,7 @@ from .transforms import (
     random_crop,
     resize,
 )
-from .ucf101_writer import WrittenLayout, write_ucf101_layout
+from .ucf101_writer import WrittenLayout, write_class_folders, write_ucf101_layout
 from .video_folder import VideoFolder
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "random_start",
     "render_video",
     "resize",
+    "write_class_folders",
     "write_ucf101_layout",
     "write_video",
 ]

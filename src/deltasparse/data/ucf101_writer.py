@@ -127,3 +127,27 @@ def write_ucf101_layout(dataset_or_params: SyntheticActions | Mapping[str, Any],
     logger.info("wrote %d %s videos (%s) and splits %s to %s in %.1f s", len(out.files), fmt,
                 encoder, tuple(splits), root, out.seconds)
     return out
+
+
+def write_class_folders(dataset_or_params: SyntheticActions | Mapping[str, Any],
+                        root: str | Path, *, fmt: str = "mp4", fps: int = 25,
+                        overwrite: bool = False, workers: int | None = None) -> list[str]:
+    """Render every video into ``root/<ClassName>/clip_NNNN.<fmt>``: a plain folder of class
+    folders (no split files, no UCF101 names), read by ``VideoFolder(root, layout="folder")``
+    as any camera footage sorted by class is. Returns the paths written, relative to root."""
+    ds = (dataset_or_params if isinstance(dataset_or_params, SyntheticActions)
+          else SyntheticActions(**dict(dataset_or_params)))
+    suffix = "." + fmt.lower().lstrip(".")
+    encoder = pick_encoder(suffix)
+    root = Path(root).expanduser()
+    rels = [f"{ds.class_names[i % ds.num_classes]}/clip_{i:04d}{suffix}" for i in range(len(ds))]
+
+    def write(i: int) -> None:
+        path = root / rels[i]
+        if overwrite or not path.exists():
+            write_video(path, ds.render(i, compress=False), fps=fps, codec=encoder,
+                        crf=18 if ds.crf is None else ds.crf)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, range(len(ds))))
+    return rels
