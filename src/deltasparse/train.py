@@ -483,7 +483,7 @@ def _loader(dataset, cfg: TrainConfig, *, train: bool, epoch: int = 0):
 # -- model --------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, num_classes: int) -> VideoModel:
     kw: dict[str, Any] = {"num_classes": num_classes}
-    if cfg.model in ("mobilenet_v1", "mobilenet_v2", "convnet", "convnet_pw"):
+    if cfg.model in ("mobilenet_v1", "mobilenet_v2", "convnet", "convnet_pw", "dsconvnet"):
         kw["width_mult"] = cfg.width
     frame = models.create(cfg.model, **kw)
     dcfg = delta_config(cfg)

@@ -1,13 +1,17 @@
 """Per-frame models and their name registry (``ds.models.create(name, **kw)``)."""
 
-from .convnet import ConvNet, convnet
+from .convnet import ConvNet, convnet, convnet_pw
+from .dsconvnet import DSConvNet, dsconvnet
 from .mobilenet_v1 import MobileNetV1, mobilenet_v1
 from .registry import create, list_models, register_model
 from .tv import mobilenet_v2, resnet18, resnet50
 
 __all__ = [
     "ConvNet",
+    "DSConvNet",
     "convnet",
+    "convnet_pw",
+    "dsconvnet",
     "MobileNetV1",
     "create",
     "list_models",
