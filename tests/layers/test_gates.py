@@ -277,3 +277,15 @@ def test_convert_gives_pixel_gates_their_consumer_windows():
     assert layers["input_delta"].spread[0]["macs_per_row"] == 9 * 3 * 12
     scalar = ds.convert(ds.models.create("convnet", num_classes=3), ds.DeltaConfig())
     assert all(m.spread is None for _, m in ds.layers.sparsity_layers(scalar))
+
+
+def test_spread_weights_of_a_dilated_window():
+    """3x3 dilation 2 padding 2 (max_pool2d refuses that padding; it is emulated): a lone
+    change in the middle of a 7x7 map reaches 9 rows."""
+    layer = ds.DeltaActivation(num_channels=1, gate="pixel", sparsity_weight=1.0,
+                               threshold_init=0.01)  # fmt: skip
+    layer.spread = [{"windows": [((3, 3), (1, 1), (2, 2), (2, 2), False)], "macs_per_row": 1}]
+    x = torch.zeros(1, 2, 1, 7, 7)
+    x[0, 1, 0, 3, 3] = 1.0
+    layer(x)
+    assert layer.loss.item() == pytest.approx(9 * 1.0 / 49, rel=1e-6)

@@ -180,6 +180,11 @@ class Chain:
                 raise AssertionError(op.kind)
 
     @property
+    def gated(self) -> bool:
+        """Whether the chain ends in a quantiser or gate (it decides which rows change)."""
+        return bool(self.steps) and self.steps[-1][0] in ("quant", "hyst")
+
+    @property
     def stateful(self) -> bool:
         """Whether the chain reads the stored values (a hysteresis gate)."""
         return any(step[0] == "hyst" for step in self.steps)
@@ -343,6 +348,9 @@ class RuntimeOp:
 class InputOp(RuntimeOp):
     kernel = "input"
     prev: torch.Tensor | None = None
+    # False when every consumer of the frame is a gate that examines all pixels anyway (an
+    # input gate): finding the changed pixels first would only cost a pass.
+    detect: bool = True
 
     def set_frame(self, frame: torch.Tensor, first: bool) -> None:
         """Store the frame as rows; the changed pixels are found on the NCHW frame itself so
@@ -352,9 +360,10 @@ class InputOp(RuntimeOp):
         b, c = frame.shape[:2]
         st = self.stats
         st.frames += 1
-        if first or self.prev is None:
+        if first or self.prev is None or not self.detect:
             v.buf[: v.rows].copy_(frame.permute(0, 2, 3, 1).reshape(v.rows, c))
-            self.prev = frame.contiguous().clone()
+            if self.detect:
+                self.prev = frame.contiguous().clone()
             v.changed = None
             st.changed_out += v.rows
         else:
@@ -381,7 +390,11 @@ class PointwiseOp(RuntimeOp):
 
     def compute(self, rows):
         x = self.inputs[0].buf
-        return x[: self.out.rows].clone() if rows is None else x.index_select(0, rows)
+        if rows is None:
+            # a backend whose epilogue only reads z (the fused C++ one) needs no copy
+            view = x[: self.out.rows]
+            return view if self.backend.finish_reads_only(self.chain, view) else view.clone()
+        return x.index_select(0, rows)
 
 
 class LinearOp(RuntimeOp):

@@ -98,9 +98,11 @@ class ExecutedPredictor:
         """One frame given the changed rows of every value since the previous frame
         (``None``: the first frame of new streams, computed densely)."""
         first = changes is None
+        rt = self.runtime
         for name, v in self._values:
             v.changed = None if first else changes[name]
-        rt = self.runtime
+        if not rt.input_op.detect:  # the engine hands every input pixel to the input gate
+            rt.input_op.out.changed = None
         rt.input_op.stats.frames += 1
         for op in rt.ops:
             op.plan(first)

@@ -337,4 +337,7 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
         ops.append(rop)
     if input_op is None or output is None:
         raise UnsupportedOpError("DeltaEngine: the graph has no input or no output")
+    readers = [o for o in ops if any(v.state is input_op.out.state for v in o.inputs)]
+    if readers and all(isinstance(o, PointwiseOp) and o.chain.gated for o in readers):
+        input_op.detect = False  # an input gate examines every pixel itself
     return Runtime(input_op, ops, output, values, dense_bytes, geoms)

@@ -385,6 +385,10 @@ class DeltaActivation(SparsityLayer):
                     x = flat.gather(1, i)
                     break
                 k, st, pd, dl, ceil = win
+                if pd[0] > k[0] // 2 or pd[1] > k[1] // 2:  # max_pool2d refuses such padding
+                    x = F.pad(x, (pd[1], pd[1], pd[0], pd[0]), value=float("-inf"))
+                    where = F.pad(where, (pd[1], pd[1], pd[0], pd[0]))
+                    pd = (0, 0)
                 x, i = F.max_pool2d(x, k, st, pd, dl, ceil_mode=ceil, return_indices=True)
                 where = where.reshape(n, 1, -1).gather(2, i.reshape(n, 1, -1)).reshape(i.shape)
             idx = where.reshape(n, -1).long()

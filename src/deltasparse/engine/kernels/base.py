@@ -63,6 +63,11 @@ class Backend:
         """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
         return n
 
+    def finish_reads_only(self, chain, z) -> bool:
+        """Whether :meth:`finish` leaves ``z`` untouched for this chain (then ``z`` may be a
+        view of another op's state)."""
+        return False
+
     def prepare(self, spec) -> None:
         """Hook: pack backend-specific weight layouts into ``spec.extra`` once, at build."""
 
