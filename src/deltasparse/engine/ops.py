@@ -230,15 +230,13 @@ class Chain:
                 if step[2]:
                     if rows is None:
                         zz = z.view(batch, self.hw, -1)
-                        zz.copy_((zz.float() / thr).round_().mul_(thr))
+                        zz.div_(thr).round_().mul_(thr)
                         continue
                     thr = thr.index_select(0, rows % self.hw)
-                # quantize(): round(a / thr) * thr in float32, round half to even (a float64
-                # engine rounds in float32 too, as DeltaActivation does).
-                if z.dtype == torch.float32:
-                    z.div_(thr).round_().mul_(thr)
-                else:
-                    z.copy_((z.float() / thr).round_().mul_(thr))
+                # quantize(): round(a / thr) * thr, round half to even, in the engine's dtype
+                # on every backend (the Triton kernels too); a float64 engine can thus differ
+                # from DeltaActivation, which rounds in float32, by a flip at a boundary.
+                z.div_(thr).round_().mul_(thr)
             else:  # hysteresis_step(): send where |a - ref| > thr (float32), else keep ref
                 if buf is None:
                     raise AssertionError("a hysteresis gate needs the stored values")
