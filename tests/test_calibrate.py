@@ -114,3 +114,17 @@ def test_calibrate_cli_makes_a_run_folder(tmp_path):
         train(TrainConfig(phase="calibrated", out=str(tmp_path / "x"), epochs=1, **base))
     assert main(["calibrate", "--checkpoint", str(tmp_path / "base" / "model.pt"), "--out",
                  str(out)]) == 2
+    # --force replaces the run whole: no file of the old one survives next to the new model
+    (out / "engine.json").write_text("{}")
+    (out / "checkpoint.pt").write_bytes(b"stale")
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "base" / "model.pt"), "--out",
+                 str(out), "--target", "agreement=0.8", "--clips", "12", "--force"]) in (0, 3)
+    assert not (out / "engine.json").exists() and not (out / "checkpoint.pt").exists()
+    assert (out / "model.pt").exists() and (out / "calibration.json").exists()
+
+
+def test_refinement_cost_keeps_a_real_zero():
+    from deltasparse.calibrate import _cost
+
+    assert _cost({"executed_density": 0.0, "op_fraction": 0.3}) == 0.0
+    assert _cost({"executed_density": None, "op_fraction": 0.3}) == 0.3

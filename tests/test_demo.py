@@ -70,3 +70,26 @@ def test_demo_quick_writes_summary_and_report(tmp_path):
     assert {p: (out / p / "model.pt").stat().st_mtime_ns for p in summary["runs"]} == stamps
     again = json.loads((out / "summary.json").read_text())
     assert again["runs"] == summary["runs"]
+
+
+def _runs(prediction_error, calibrated_engine):
+    engine = {"executed_density": 0.15, "speedup": 3.5, "agreement": 0.995,
+              "prediction_error": prediction_error}  # fmt: skip
+    runs = {"l1": {"op_fraction": 0.4, "accuracy": 0.80},
+            "delta": {"op_fraction": 0.1, "accuracy": 0.79, "engine": engine}}  # fmt: skip
+    if calibrated_engine is not None:
+        runs["calibrated"] = {"op_fraction": 0.2, "accuracy": 0.78, "engine": calibrated_engine}
+    return runs
+
+
+def test_acceptance_checks_fail_on_missing_figures():
+    """A check whose figure is missing did not hold (it passed before: no prediction counted
+    as a perfect one, and the calibrated run always looked present)."""
+    from deltasparse.demo import _verdict
+
+    ok = _verdict(_runs(0.01, {"executed_density": 0.3}))["acceptance"]
+    assert ok["all"]
+    missing = _verdict(_runs(None, {"executed_density": None}))["acceptance"]["checks"]
+    assert not missing["|predicted - executed| / executed <= 0.05"]
+    assert not missing["calibrated run present"]
+    assert not _verdict(_runs(0.01, None))["acceptance"]["checks"]["calibrated run present"]

@@ -246,6 +246,7 @@ def test_bench_cli_with_trained_checkpoint(recipe, tmp_path):
     ("synthetic_classes", 13, "--synthetic-classes) must be an integer in 1..12"),
     ("synthetic_videos", 3, "--synthetic-videos) must be an integer >= 4 (synthetic_classes"),
     ("model", "nope", "--model) must be one of convnet, convnet_pw, dsconvnet, mobilenet_v1"),
+    ("resolution", 33, "--resolution) must be an even integer >= 8 (the embedded videos"),
     ("layout", "ucf", "--layout) must be one of auto, ucf101, folder"),
     ("device", "gpu", "--device) must be one of auto, cpu, cuda"),
 ])
@@ -398,3 +399,14 @@ def test_data_summary_counts_videos_per_class(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
     assert rows["MoveRight"] == ["6", "2"] and rows["MoveLeft"] == ["5", "1"]
     assert rows["total"] == ["16", "4"]
+
+
+def test_run_files_are_strict_json(tmp_path):
+    """eval.json / summary.json are read by strict parsers: NaN and infinities (an op_reduction
+    of a model that sends nothing) are written as null."""
+    from deltasparse.checkpoint import write_json_atomic
+
+    write_json_atomic({"op_reduction": float("inf"), "x": [float("nan"), 1.0]}, tmp_path / "a")
+    text = (tmp_path / "a").read_text()
+    assert json.loads(text) == {"op_reduction": None, "x": [None, 1.0]}
+    assert "Infinity" not in text and "NaN" not in text

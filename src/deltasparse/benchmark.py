@@ -238,7 +238,8 @@ def run_bench(
                         eng = DeltaEngine(model, backend=backend)
                         # The engine with every op dense: a fused dense baseline (folded BN,
                         # one-pass epilogue), stronger than the model's own eager forward.
-                        fused = DeltaEngine(model, backend=backend, crossover=_ALL_DENSE)
+                        fused = DeltaEngine(model, backend=backend, crossover=_ALL_DENSE,
+                                            cuda_graph=False)  # dense on a GPU too
                         with torch.no_grad():
                             model(stream[0])  # warm-up
                             for e in (eng, fused):

@@ -259,8 +259,8 @@ def calibrate(
                 before = mult[n]
                 mult[n] = before * factor
                 info = evaluate(best["alpha"], f"refine {n}")
-                better = (info["executed_density"] or 1) < (best["executed_density"] or 1) \
-                    if want_large else info["agreement"] > best["agreement"]
+                better = _cost(info) < _cost(best) if want_large \
+                    else info["agreement"] > best["agreement"]
                 if info["meets"] and better:
                     best = info
                 else:
@@ -278,3 +278,10 @@ def calibrate(
         model=gm, target={name: goal}, met=met, alpha=best["alpha"], layer_scale=dict(mult),
         thresholds=thresholds, achieved=achieved, config=config.to_dict(), history=history,
     )  # fmt: skip
+
+
+def _cost(info: dict) -> float:
+    """What a bigger step should lower: the executed density, or where the engine cannot
+    predict it, the counted operations (0.0 is a real figure, not a missing one)."""
+    v = info["executed_density"]
+    return info["op_fraction"] if v is None else v

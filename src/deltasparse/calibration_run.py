@@ -36,7 +36,7 @@ def calibrate_run(checkpoint: str | Path, out: str | Path, *, target: dict | str
     search. Returns the evaluation of the calibrated model (also ``out/eval.json``), with the
     calibration record under ``"calibration"``.
     """
-    from .train import build_datasets, delta_config, evaluate, run_state
+    from .train import _clear_run, build_datasets, delta_config, evaluate, run_state
 
     out = Path(out)
     name, goal = parse_target(target)  # fail before loading anything
@@ -63,12 +63,13 @@ def calibrate_run(checkpoint: str | Path, out: str | Path, *, target: dict | str
                                           progress=progress)  # fmt: skip
     model = VideoModel(result.model).eval()
     if not result.met:
-        log.warning("calibrate: the target %s %s %g was not met even at the smallest steps "
-                    "(achieved %s)", name, "<=" if name != "agreement" else ">=", goal,
-                    result.achieved)
+        log.warning("calibrate: the target %s %s %g was not met even at the %s steps "
+                    "searched (achieved %s)", name, "<=" if name != "agreement" else ">=", goal,
+                    "largest" if name == "executed_density" else "smallest", result.achieved)
     ev = evaluate(model, eval_set, ccfg, torch.device(device))
     ev["calibration"] = result.to_dict()
     out.mkdir(parents=True, exist_ok=True)
+    _clear_run(out)  # --force: nothing of the replaced run stays next to the new model
     write_json_atomic(ccfg.to_dict(), out / "config.json")
     write_json_atomic(result.to_dict(), out / "calibration.json")
     save_atomic({"model": model.state_dict(), "config": ccfg.to_dict(),

@@ -8,6 +8,7 @@ A checkpoint (``model.pt`` or ``checkpoint.pt``) is a dict with ``model`` (state
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -38,8 +39,20 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
+def sanitize(obj: Any) -> Any:
+    """Replace NaN and infinities by ``None`` so that the JSON is strict (readable from JS)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [sanitize(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    data = json.dumps(obj, indent=2, allow_nan=True).encode()
+    """``obj`` as strict JSON (NaN and infinities written as null), atomically."""
+    data = json.dumps(sanitize(obj), indent=2, allow_nan=False).encode()
     _atomic_write(Path(path), lambda f: f.write(data))
 
 

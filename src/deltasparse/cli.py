@@ -127,7 +127,7 @@ def _cmd_eval(args) -> int:
     import torch
     from rich.console import Console
 
-    from .checkpoint import check_classes, write_json_atomic
+    from .checkpoint import check_classes, sanitize, write_json_atomic
     from .train import build_dataset, data_summary, evaluate, load_model, print_data_summary
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -150,7 +150,7 @@ def _cmd_eval(args) -> int:
     result = evaluate(model, eval_set, cfg, device)
     if args.engine:
         result["engine"] = _engine_stage(model, cfg, args.streams, args.threads, console)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(sanitize(result), indent=2, allow_nan=False)
     if args.out:
         write_json_atomic(result, args.out)
     else:
@@ -165,17 +165,12 @@ def _cmd_eval(args) -> int:
 
 def _engine_stage(model, cfg, streams: int, threads: int | None, console) -> dict:
     """The held-out videos through DeltaEngine, timed against dense (see deltasparse.exploit)."""
-    from .exploit import exploit
+    from .exploit import exploit, summary_line
     from .progress import task_progress
 
     with task_progress("engine: streaming the held-out videos", console=console) as bar:
         r = exploit(model.eval(), cfg, streams=streams, threads=threads, progress=bar)
-    console.print(
-        f"engine: executed density {100 * r['executed_density']:.1f}% (predicted "
-        f"{100 * r['predicted_density']:.1f}%), {r['delta_ms_per_frame']:.2f} ms/frame vs "
-        f"dense {r['dense_ms_per_frame']:.2f} ({r['speedup']:.2f}x, {r['threads']} threads, "
-        f"{r['streams']} streams); accuracy {100 * r['accuracy']:.2f}%, agreement "
-        f"{100 * r['agreement']:.2f}%", soft_wrap=True)  # fmt: skip
+    console.print(f"engine: {summary_line(r)}", soft_wrap=True)
     return r
 
 

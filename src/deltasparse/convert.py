@@ -329,11 +329,16 @@ def _window(node: fx.Node, modules: dict):
     t = node.target
     if node.op == "call_function":
         if t in (F.max_pool2d, F.avg_pool2d):
-            a = list(node.args) + [None] * 4
-            k = a[1] if a[1] is not None else node.kwargs.get("kernel_size")
-            st = a[2] if a[2] is not None else node.kwargs.get("stride") or k
-            pd = a[3] if a[3] is not None else node.kwargs.get("padding", 0)
-            return (_pair(k), _pair(st or k), _pair(pd), (1, 1), False)
+            # max_pool2d(x, k, stride, padding, dilation, ceil_mode, ...);
+            # avg_pool2d(x, k, stride, padding, ceil_mode, ...): no dilation
+            names = ["kernel_size", "stride", "padding"] + (
+                ["dilation", "ceil_mode"] if t is F.max_pool2d else ["ceil_mode"])
+            a = dict(zip(names, node.args[1:], strict=False))
+            a.update({n: node.kwargs[n] for n in names if n in node.kwargs})
+            k = a["kernel_size"]
+            st = a.get("stride") or k
+            return (_pair(k), _pair(st), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)),
+                    bool(a.get("ceil_mode", False)))  # fmt: skip
         if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
             return "global" if _pair(size) == (1, 1) else False

@@ -73,8 +73,10 @@ MADE_PHASES = ("calibrated",)
 RESUME_MAY_CHANGE = ("progress", "workers", "device", "cache_dir", "out")
 MAX_SPLIT = 5  # plain folders have splits 1..5, UCF101 1..3 (checked by the layout)
 MIN_RESOLUTION = 8
+# Everything a run folder's phases write (--force removes all of them: no stale engine or
+# calibration record survives next to a new model).
 _RUN_FILES = ("model.pt", "checkpoint.pt", "eval.json", "metrics.json", "metrics.csv",
-              "config.json")  # fmt: skip
+              "config.json", "engine.json", "calibration.json")  # fmt: skip
 
 
 @dataclass
@@ -230,6 +232,10 @@ def _validate(cfg: TrainConfig) -> None:
         if not ok(getattr(cfg, name)):
             raise ValueError(f"{name} ({_flag(name)}) must be {expected}, got "
                              f"{getattr(cfg, name)!r}; pass e.g. {_flag(name)} {example}")
+    if cfg.data == "synthetic" and cfg.resolution % 2:
+        raise ValueError(f"resolution (--resolution) must be an even integer >= {MIN_RESOLUTION} "
+                         f"(the embedded videos are H.264 4:2:0: even frame sizes), got "
+                         f"{cfg.resolution!r}; pass e.g. --resolution {cfg.resolution + 1}")
 
 
 # -- run folders ------------------------------------------------------------------------------

@@ -386,3 +386,26 @@ def test_engine_step_uses_cuda_graph_by_default(dtype):
     eng.reset()
     assert eng._graph is None
     _check_frame(eng.step(frames[0]), ref.step(frames[0]), dtype, "after reset")
+
+
+@pytest.mark.parametrize("area", [0.05, 0.6])
+def test_measure_predicts_the_cuda_graph_step(area):
+    """measure() on a GPU predicts the MACs of the engine's default CUDA-graph step, which
+    computes exactly the selected rows (no crossover to the dense path): at 60% of the image
+    changing, the per-op rules would predict dense layers the graph does not run."""
+    res = (32, 48)
+    gm = _model("chains", torch.float64, res)
+    frames = _stream(9, res, torch.float64, area=area)
+    eng = DeltaEngine(gm, backend="triton")
+    with torch.no_grad():
+        eng.step(frames[0])
+        first = eng.stats
+        for f in frames[1:]:
+            eng.step(f)
+    assert eng._graph is not None
+    st = eng.stats
+    executed = (st.effective_macs - first.effective_macs) / (st.dense_macs - first.dense_macs)
+    clips = torch.stack(frames, 1)  # (B, T, C, H, W)
+    report = ds.measure(ds.VideoModel(gm).eval(), [clips], engine="triton")
+    assert report.executed_error is None
+    assert report.executed_fraction == pytest.approx(executed, rel=1e-9)

@@ -289,3 +289,29 @@ def test_spread_weights_of_a_dilated_window():
     x[0, 1, 0, 3, 3] = 1.0
     layer(x)
     assert layer.loss.item() == pytest.approx(9 * 1.0 / 49, rel=1e-6)
+
+
+class _FunctionalPools(torch.nn.Module):
+    """conv -> relu -> F.max_pool2d(3, 2, 1, dilation 1, ceil_mode) -> F.avg_pool2d -> 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = torch.nn.functional.max_pool2d(x, 3, 2, 1, 1, True)
+        x = torch.nn.functional.avg_pool2d(x, kernel_size=2, ceil_mode=True)
+        return self.head(x)
+
+
+def test_convert_reads_every_argument_of_functional_pools():
+    """ceil_mode and dilation of F.max_pool2d / F.avg_pool2d reach the spread windows (they
+    were dropped: the spread weights of such pools were wrong)."""
+    gm = ds.convert(_FunctionalPools(), ds.DeltaConfig(gate="pixel"))
+    (layer,) = [m for _, m in ds.layers.sparsity_layers(gm)]
+    assert layer.spread == [{"windows": [((3, 3), (2, 2), (1, 1), (1, 1), True),
+                                         ((2, 2), (2, 2), (0, 0), (1, 1), True),
+                                         ((1, 1), (1, 1), (0, 0), (1, 1), False)],
+                             "macs_per_row": 4 * 2}]  # fmt: skip

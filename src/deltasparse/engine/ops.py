@@ -268,6 +268,9 @@ class RuntimeOp:
     """One engine op: choose rows -> compute (backend) -> chain -> commit into ``out``."""
 
     kernel = "pointwise"
+    # True where the rows are computed exactly as selected (the CUDA-graph step: no crossover
+    # to the dense path, no padding to a kernel's tile); set by ExecutedPredictor only.
+    exact_rows: bool = False
     bias: torch.Tensor | None = None
 
     def __init__(self, name: str, kind: str, inputs: list[Value], out: Value, chain: Chain,
@@ -319,7 +322,8 @@ class RuntimeOp:
         st.active_in += active
         st.rows_computed += n
         st.dense_frames += rows is None
-        computed = self.backend.rows_computed(self.kernel, n, self.out.rows, st.macs_per_row)
+        computed = n if self.exact_rows else self.backend.rows_computed(
+            self.kernel, n, self.out.rows, st.macs_per_row)
         st.effective_macs += computed * st.macs_per_row
         if st.in_rows:
             st.delta_macs += st.dense_macs_per_frame * active / st.in_rows

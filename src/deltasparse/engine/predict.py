@@ -4,7 +4,9 @@
 their fan-out, but :class:`~deltasparse.engine.DeltaEngine` recomputes whole pixels, widened by
 every k x k window and pooling on the way, and falls back to the dense kernels where most rows
 changed. :class:`ExecutedPredictor` runs the engine's own row selection
-(:meth:`RuntimeOp.plan`: the same ``select``, crossovers and padded row counts) on the changed
+(:meth:`RuntimeOp.plan`: the same ``select``, crossovers and padded row counts; on a GPU
+whose backend runs the whole step as a CUDA graph, the graph's rules: exactly the selected
+rows, no crossover, the rule the engine itself follows after its first frame) on the changed
 rows of every stored value, taken from the dense model's outputs of consecutive frames -- no
 second model of the engine. The engine's row changes equal the dense model's up to float
 summation order (a quantiser can flip where a value sits on a rounding boundary), so the
@@ -38,7 +40,8 @@ class ExecutedPredictor:
         model: what :class:`DeltaEngine` would be given (converted per-frame model or
             ``VideoModel``), in eval mode.
         frame_shape: ``(B, C, H, W)`` of one step (``B`` independent streams, as the engine).
-        backend / crossover: as for the engine (``"auto"`` resolves the same way).
+        backend / crossover / cuda_graph: as for the engine (``"auto"`` resolves the same
+            way; where the engine would take the CUDA-graph step, the prediction follows it).
 
     Call :meth:`step` once per frame with the dense outputs of :attr:`node_names` for that
     frame; :attr:`stats` then holds what the engine would have computed (an
@@ -46,7 +49,8 @@ class ExecutedPredictor:
     """
 
     def __init__(self, model: nn.Module, frame_shape, *, backend="auto",
-                 crossover: dict[str, float] | None = None, device=None) -> None:  # fmt: skip
+                 crossover: dict[str, float] | None = None, device=None,
+                 cuda_graph: bool = True) -> None:  # fmt: skip
         gm = trace_model(model)
         plan, alias = build_plan(gm)
         p = next(iter(gm.parameters()), None)
@@ -59,6 +63,14 @@ class ExecutedPredictor:
         self.runtime = build_runtime(gm, plan, alias, tuple(frame_shape), backend=self.backend,
                                      crossover=self.crossover, device=device, dtype=dtype,
                                      geoms=GeometryCache())  # fmt: skip
+        # The engine's CUDA-graph step (taken after the first frame wherever the backend does
+        # not decline the runtime) recomputes exactly the selected rows of every op.
+        decline = getattr(self.backend, "graph_decline_reason", None)
+        self.graph = bool(cuda_graph and getattr(self.backend, "graph_step", None) is not None
+                          and (decline is None or decline(self.runtime) is None))  # fmt: skip
+        if self.graph:
+            for op in self.runtime.ops:
+                op.crossover, op.exact_rows = float("inf"), True
         # One recorded fx node per stored value (aliases share a value).
         self._values: list[tuple[str, object]] = []
         seen: set[int] = set()

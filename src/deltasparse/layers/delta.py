@@ -25,7 +25,13 @@ output is ``q_t = ref``. The output depends on history; its error is bounded by 
 any nonzero delta counts as ``C`` changed scalars; the loss is the group norm
 ``w * fan_out * sum_p sqrt(C) * ||d_p||_2 / numel(d)`` over pixels ``p`` (equal to the scalar
 loss when all channels of a pixel change alike; smaller when changes are concentrated in
-few pixels). In grid mode the forward of both gates is the same quantiser.
+few pixels). With :attr:`DeltaActivation.spread` set (``convert()`` sets it for every pixel
+gate whose consumers it can follow), the loss counts what the engine executes instead:
+``w * sum_r macs_r * max_{p in win(r)} ||d_p||_2 / sqrt(C) / numel(d)`` over the output rows
+``r`` of every consumer (``win(r)``: the pixels of this layer that row reads, through pools;
+``macs_r``: the consumer's MACs per row), so a change costs every row it reaches, at the
+largest change in the row's window; ``fan_out`` then does not enter the loss (it still scales
+the counts). In grid mode the forward of both gates is the same quantiser.
 
 Gradients (every mode and gate, one rule): ``dq/da = 1`` (straight-through) and
 ``dq/dthr = -q / thr`` (in grid mode exactly the paper's ``-round(a / thr)``): with the sparsity
@@ -214,7 +220,8 @@ class DeltaActivation(SparsityLayer):
         granularity: ``"layer"`` (one step), ``"channel"`` (one per channel, dim 2 of a clip)
             or ``"neuron"`` (one per channel and spatial position).
         threshold_init: initial value of ``theta`` (the step is ``|theta|``).
-        sparsity_weight: weight of the layer's loss ``w * fan_out * sum|d| / numel(d)``.
+        sparsity_weight: weight ``w`` of the layer's loss (``w * fan_out * sum|d| / numel(d)``
+            for scalar gates; pixel gates: see the module docstring).
         fan_out: MACs one nonzero delta triggers in the consumers (set by ``convert()``).
         activation: ``None``, ``"relu"`` or ``"relu6"`` applied before quantising.
         sigma: integrate the input over time first (``cumsum`` along dim 1).

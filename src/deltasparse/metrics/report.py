@@ -107,7 +107,9 @@ class SparsityReport:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+        from ..checkpoint import sanitize
+
+        text = json.dumps(sanitize(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
             Path(path).write_text(text)
         return text

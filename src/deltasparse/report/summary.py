@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from ..checkpoint import sanitize
 from .runs import PHASES, RunData
 
 __all__ = [
@@ -47,17 +48,6 @@ def finite(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def sanitize(obj: Any) -> Any:
-    """Replace NaN and infinities by ``None`` so that the JSON is strict (readable from JS)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    return obj
 
 
 def counted_density(layer: dict[str, Any]) -> float | None:
