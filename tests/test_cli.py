@@ -54,7 +54,7 @@ def ucf3(tmp_path_factory) -> Path:
     return _ucf(tmp_path_factory.mktemp("ucf3"), 3)
 
 
-# -- point 2: classes of the checkpoint against those of the data -----------------------------
+# -- classes of the checkpoint against those of the data -----------------------------
 def test_eval_refuses_a_checkpoint_of_another_number_of_classes(run3, ucf4, capsys):
     rc = main(["eval", "--checkpoint", str(run3 / "model.pt"), "--data", str(ucf4),
                "--device", "cpu"])
@@ -111,7 +111,7 @@ def test_eval_clip_longer_than_every_video_is_refused(run3, ucf3, capsys):
     assert "pass --clip-len 6 or less" in line
 
 
-# -- point 3: resume and finished runs ---------------------------------------------------------
+# -- resume and finished runs ---------------------------------------------------------
 def _kill_after_first_checkpoint(monkeypatch):
     real_save = train_mod.save_atomic
 
@@ -177,7 +177,7 @@ def test_rerun_into_a_finished_run_needs_force(run3, tmp_path, capsys):
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
 
 
-# -- points 4 and 8: arguments and data checked before anything is written --------------------
+# -- arguments and data checked before anything is written --------------------
 @pytest.mark.parametrize("args, expected, seen", [
     (["--resolution", "0"], "resolution (--resolution) must be an integer >= 8", "got 0;"),
     (["--resolution", "-5"], "resolution (--resolution) must be an integer >= 8", "got -5;"),
@@ -218,7 +218,7 @@ def test_empty_data_folder_does_not_touch_an_existing_run(run3, tmp_path, capsys
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-# -- point 5: expected errors are one line, bugs say how to see the traceback -----------------
+# -- expected errors are one line, bugs say how to see the traceback -----------------
 def _stream(tmp_path, *extra):
     return main([*extra, "stream", "--checkpoint", str(tmp_path / "m.pt"),
                  "--video", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "s.json")])
@@ -259,7 +259,7 @@ def test_unknown_model_is_one_line(tmp_path, capsys):
     assert "model (--model) must be one of convnet" in _error_line(capsys, "train")
 
 
-# -- points 6 and 9: the data set-up is shown; layout and split options ----------------------
+# -- the data set-up is shown; layout and split options ----------------------
 def test_train_prints_the_split_rule_and_counts_per_class(tmp_path, capsys):
     assert main(["train", *TRAIN, "--out", str(tmp_path / "r"), "--epochs", "1"]) == 0
     out = capsys.readouterr().out

@@ -77,7 +77,7 @@ def hysteresis_step(
     ``send = |a - ref| > thr`` in float32; with ``pixel`` a whole pixel (all of dim 1) is sent
     when any of its channels is; sent entries take ``a``, the others keep ``ref``.
     """
-    send = (a.float() - ref.float()).abs() > thr.float()
+    send = (a.float() - ref.float()).abs_() > thr.float()  # a new tensor: abs in place
     if pixel:
         send = send.any(dim=1, keepdim=True)
     return torch.where(send, a, ref.to(a.dtype))
@@ -151,6 +151,7 @@ class _GateDelta(torch.autograd.Function):
             levels = q.float() / tf
         d = q[:, 1:] - q[:, :-1]
         cpu = d.device.type == "cpu"
+        factor = None
         if not pixel:
             s = torch.sgn(d)
             if d.dtype == torch.float32:  # sgn(d) * d == |d| exactly; one pass, no temporary
@@ -174,19 +175,24 @@ class _GateDelta(torch.autograd.Function):
             else:
                 loss_sum = (w * norm).sum() / math.sqrt(c)
                 factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
-            s = (df * factor).to(d.dtype)
+            # dloss/dd = d * factor: kept as d (an output anyway) and the per-pixel factor,
+            # not as a clip-sized product (one pass and one tensor less per layer)
+            s, factor = d, factor.to(d.dtype)
             finite = math.isfinite(loss_sum.item()) if cpu else None
             nonzero = count_nonzero(norm, finite=finite) * c
-        ctx.save_for_backward(levels, s)
+        ctx.save_for_backward(levels, s, factor)
         ctx.thr_shape = thr_shape
         ctx.mark_non_differentiable(nonzero)
         return q, d, loss_sum, nonzero
 
     @staticmethod
     def backward(ctx, grad_q, grad_d, grad_loss_sum, _grad_nonzero):
-        levels, s = ctx.saved_tensors
+        levels, s, factor = ctx.saved_tensors
         # dL/dq_t = grad_q_t + e_t - e_{t+1}, with e = dL/dd = grad_d + grad_loss_sum * s
+        # (pixel gates: dloss/dd = s * factor, factor broadcast over the channels)
         g = grad_q
+        if grad_loss_sum is not None and factor is not None:
+            grad_loss_sum = factor * grad_loss_sum
         if grad_d is not None or grad_loss_sum is not None:
             if grad_q is None:
                 grad_q = torch.zeros(levels.shape, dtype=s.dtype, device=s.device)
