@@ -48,7 +48,9 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=1200)
     p.add_argument("--baseline-epochs", type=int, default=10)
     p.add_argument("--delta-epochs", type=int, default=4)
-    p.add_argument("--sparsity-weight", type=float, default=2e-2)
+    p.add_argument("--sparsity-weight", type=float, default=3e-2)
+    p.add_argument("--model", default="dsconvnet", help="the demo's model by default")
+    p.add_argument("--width", type=float, default=1.5)
     p.add_argument("--work", default=None, help="folder for data and runs (default: temporary)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -63,7 +65,7 @@ def main() -> None:
             write_class_folders(ds, data)
             (data / ".complete").write_text("")
         base = TrainConfig(data=str(data), cache_dir=str(work / footage / "cache"), resolution=64,
-                           resize=64, model="convnet", width=1.0, device="cpu", clip_len=4,
+                           resize=64, model=args.model, width=args.width, device="cpu", clip_len=4,
                            eval_clip_len=8, eval_clips_per_video=2, batch_size=32,
                            warmup_epochs=0.5, threshold_init=0.15, threshold_lr_mult=10.0,
                            progress=False)  # fmt: skip
