@@ -114,6 +114,10 @@ def test_calibrate_cli_makes_a_run_folder(tmp_path):
         train(TrainConfig(phase="calibrated", out=str(tmp_path / "x"), epochs=1, **base))
     assert main(["calibrate", "--checkpoint", str(tmp_path / "base" / "model.pt"), "--out",
                  str(out)]) == 2
+    # the baseline's own folder is never the calibrated run's, even with --force
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "base" / "model.pt"), "--out",
+                 str(tmp_path / "base"), "--force"]) == 2
+    assert load_model(tmp_path / "base" / "model.pt")[1].phase == "baseline"
     # --force replaces the run whole: no file of the old one survives next to the new model
     (out / "engine.json").write_text("{}")
     (out / "checkpoint.pt").write_bytes(b"stale")

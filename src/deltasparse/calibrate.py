@@ -86,7 +86,9 @@ class CalibrationResult:
         }  # fmt: skip
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        from .checkpoint import sanitize
+
+        text = json.dumps(sanitize(self.to_dict()), indent=2, allow_nan=False)
         if path is not None:
             from .checkpoint import write_json_atomic
 

@@ -43,6 +43,9 @@ def calibrate_run(checkpoint: str | Path, out: str | Path, *, target: dict | str
     if run_state(out) != "new" and not force:
         raise ValueError(f"{out} already holds a run; pass another --out, or --force to "
                          f"replace it")
+    if Path(checkpoint).resolve().parent == out.resolve():
+        raise ValueError(f"--out {out} is the folder of the baseline --checkpoint {checkpoint}; "
+                         "a calibrated run gets its own folder (pass another --out)")
     base, cfg, ckpt = load_model(checkpoint, map_location=device)
     if cfg.phase != "baseline":
         raise ValueError(f"calibrate needs a baseline run (trained without sparsity layers), "
@@ -72,8 +75,8 @@ def calibrate_run(checkpoint: str | Path, out: str | Path, *, target: dict | str
     _clear_run(out)  # --force: nothing of the replaced run stays next to the new model
     write_json_atomic(ccfg.to_dict(), out / "config.json")
     write_json_atomic(result.to_dict(), out / "calibration.json")
+    write_json_atomic(ev, out / "eval.json")  # model.pt last: it marks the run finished
     save_atomic({"model": model.state_dict(), "config": ccfg.to_dict(),
                  "num_classes": num_classes, "class_names": list(train_set.class_names),
                  "calibration": result.to_dict()}, out / "model.pt")  # fmt: skip
-    write_json_atomic(ev, out / "eval.json")
     return ev

@@ -315,3 +315,42 @@ def test_convert_reads_every_argument_of_functional_pools():
                                          ((2, 2), (2, 2), (0, 0), (1, 1), True),
                                          ((1, 1), (1, 1), (0, 0), (1, 1), False)],
                              "macs_per_row": 4 * 2}]  # fmt: skip
+
+
+def test_pixel_hysteresis_step_is_any_channel_over_its_step():
+    """The pixel send (computed as max_c(|d| - thr) > 0) is exactly any_c(|d| > thr), ties and
+    differences of one ulp included."""
+    from deltasparse.layers import hysteresis_step
+
+    g = torch.Generator().manual_seed(0)
+    thr = torch.rand(1, 5, 1, 1, generator=g) + 0.1
+    ref = torch.randn(4, 5, 6, 6, generator=g)
+    d = torch.randn(4, 5, 6, 6, generator=g) * thr
+    d[0] = thr[0]  # |d| == thr exactly: not sent
+    d[1] = torch.nextafter(thr[0], torch.tensor(9.0))  # one ulp above: sent
+    a = ref + d
+    want_send = ((a - ref).abs() > thr).any(dim=1, keepdim=True)
+    got = hysteresis_step(a, ref, thr, pixel=True)
+    torch.testing.assert_close(got, torch.where(want_send, a, ref), rtol=0, atol=0)
+    assert want_send.any() and not want_send.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["grid", "hysteresis"])
+def test_pixel_gate_half_gradients_are_finite_and_match_float32(dtype, mode):
+    """Unchanged pixels (norm 0) and tiny norms must not overflow the per-pixel loss factor in
+    half precision (it gave NaN gradients)."""
+    torch.manual_seed(0)
+    x32 = (torch.randn(2, 3, 4, 5, 5) * 32).round() / 16  # exact in half precision
+    x32[:, 2] = x32[:, 1]  # a repeated frame: every pixel unchanged
+    grads = {}
+    for dt in (torch.float32, dtype):
+        layer = ds.DeltaActivation(num_channels=4, gate="pixel", mode=mode, sparsity_weight=0.5,
+                                   fan_out=4.0, threshold_init=0.25)  # fmt: skip
+        x = x32.detach().to(dt).clone().requires_grad_(True)
+        y = layer(x)
+        ((y.float() * 0.1).sum() + layer.loss).backward()
+        assert torch.isfinite(x.grad.float()).all() and torch.isfinite(layer.theta.grad).all()
+        grads[dt] = (x.grad.float(), layer.theta.grad)
+    torch.testing.assert_close(grads[dtype][0], grads[torch.float32][0], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(grads[dtype][1], grads[torch.float32][1], rtol=5e-2, atol=5e-2)

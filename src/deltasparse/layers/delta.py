@@ -77,9 +77,14 @@ def hysteresis_step(
     ``send = |a - ref| > thr`` in float32; with ``pixel`` a whole pixel (all of dim 1) is sent
     when any of its channels is; sent entries take ``a``, the others keep ``ref``.
     """
-    send = (a.float() - ref.float()).abs_() > thr.float()  # a new tensor: abs in place
+    diff = (a.float() - ref.float()).abs_()  # a new tensor: abs in place
     if pixel:
-        send = send.any(dim=1, keepdim=True)
+        # any_c(|d_c| > thr_c) as max_c(|d_c| - thr_c) > 0: the same decision (an IEEE
+        # difference is > 0 exactly when x > y), ~3x faster on CPU than any() over a bool map
+        # (for finite values: a NaN channel makes the pixel's max NaN, and it is not sent)
+        send = diff.sub_(thr.float()).amax(dim=1, keepdim=True) > 0
+    else:
+        send = diff > thr.float()
     return torch.where(send, a, ref.to(a.dtype))
 
 
@@ -177,7 +182,8 @@ class _GateDelta(torch.autograd.Function):
                 factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
             # dloss/dd = d * factor: kept as d (an output anyway) and the per-pixel factor,
             # not as a clip-sized product (one pass and one tensor less per layer)
-            s, factor = d, factor.to(d.dtype)
+            # (float32: sqrt(C)/norm overflows half precision; zero where nothing changed)
+            s, factor = d, torch.where(norm > 0, factor, 0.0)
             finite = math.isfinite(loss_sum.item()) if cpu else None
             nonzero = count_nonzero(norm, finite=finite) * c
         ctx.save_for_backward(levels, s, factor)
