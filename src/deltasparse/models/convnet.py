@@ -14,7 +14,24 @@ from .registry import register_model
 __all__ = ["ConvNet", "convnet"]
 
 
-class ConvNet(nn.Module):
+class FeaturesThenClassifier(nn.Module):
+    """``features`` (set by the subclass), then global average pooling, flatten, dropout and a
+    linear ``classifier``: the head the in-repo CNNs share (module names kept in checkpoints)."""
+
+    features: nn.Sequential
+
+    def _head(self, channels: int, num_classes: int, dropout: float) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.features(x))
+        return self.classifier(self.dropout(self.flatten(x)))
+
+
+class ConvNet(FeaturesThenClassifier):
     def __init__(
         self,
         num_classes: int = 10,
@@ -38,14 +55,7 @@ class ConvNet(nn.Module):
             ]
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c_in, num_classes)
-
-    def forward(self, x):
-        x = self.pool(self.features(x))
-        return self.classifier(self.dropout(self.flatten(x)))
+        self._head(c_in, num_classes, dropout)
 
 
 @register_model("convnet")

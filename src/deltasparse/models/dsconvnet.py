@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .convnet import FeaturesThenClassifier
 from .registry import register_model
 
 __all__ = ["DSConvNet", "dsconvnet"]
@@ -24,7 +25,7 @@ def _cbr(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> lis
             nn.BatchNorm2d(c_out), nn.ReLU()]  # fmt: skip
 
 
-class DSConvNet(nn.Module):
+class DSConvNet(FeaturesThenClassifier):
     def __init__(self, num_classes: int = 10, width_mult: float = 1.0, in_channels: int = 3,
                  stem: int = 32, channels: tuple[int, ...] = (64, 128, 256),
                  dropout: float = 0.0) -> None:  # fmt: skip
@@ -38,14 +39,7 @@ class DSConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        x = self.pool(self.features(x))
-        return self.classifier(self.dropout(self.flatten(x)))
+        self._head(c, num_classes, dropout)
 
 
 @register_model("dsconvnet")

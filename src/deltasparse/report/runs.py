@@ -51,6 +51,14 @@ class RunData:
         return list(s.get("layers") or []) if s else []
 
 
+def _read_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, eval.json, engine.json)."""
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -76,9 +84,7 @@ def load_run(path: str | Path) -> RunData:
             f"(written by `deltasparse train`, with metrics.json and, after "
             f"`deltasparse eval`, eval.json)"
         )
-    config = _read_json(cfg_path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
+    config = _read_object(cfg_path)
     run = RunData(path=path, name=str(config.get("name") or path.name), config=config)
 
     metrics_path = path / "metrics.json"
@@ -93,10 +99,7 @@ def load_run(path: str | Path) -> RunData:
 
     eval_path = path / "eval.json"
     if eval_path.is_file():
-        ev = _read_json(eval_path)
-        if not isinstance(ev, dict):
-            raise ValueError(f"{eval_path} must hold a JSON object, not {type(ev).__name__}")
-        run.eval = ev
+        run.eval = _read_object(eval_path)
         if run.sparsity is None:
             run.missing.append("eval.json has no 'sparsity' section: no per-layer densities")
         elif not run.layers:
@@ -108,10 +111,7 @@ def load_run(path: str | Path) -> RunData:
         )
     engine_path = path / "engine.json"
     if engine_path.is_file():
-        eng = _read_json(engine_path)
-        if not isinstance(eng, dict):
-            raise ValueError(f"{engine_path} must hold a JSON object, not {type(eng).__name__}")
-        run.engine = eng
+        run.engine = _read_object(engine_path)
     for m in run.missing:
         log.info("report: run %s: %s", run.name, m)
     return run
