@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import write_json_atomic
+from .printing import fmt
 from .train import TrainConfig, config_changes, describe_changes, run_state, saved_config, train
 
 __all__ = ["DEMO_SETTINGS", "run_demo"]
@@ -207,11 +208,6 @@ def _engine_summary(r: dict) -> dict:
     return {k: r.get(k) for k in _ENGINE_KEYS}
 
 
-def _cell(e: dict | None, key: str, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    v = None if not e else e.get(key)
-    return "-" if v is None else f"{scale * v:{spec}}{suffix}"
-
-
 def _at_most(v, bound: float) -> bool:
     """``v <= bound``; a missing figure (None) does not meet any bound."""
     return v is not None and v <= bound
@@ -254,14 +250,14 @@ def _print_table(console, summary: dict) -> None:
                 "agreement"):  # fmt: skip
         t.add_column(col, justify="left" if col == "run" else "right")
     for name, r in summary["runs"].items():
-        e = r.get("engine")
+        e = r.get("engine") or {}
         t.add_row(
             name, f"{100 * r['accuracy']:.2f}%", f"{100 * r['op_fraction']:.2f}%",
-            _cell(e, "executed_density", ".1f", 100, "%"),
-            "-" if not e else f"{_cell(e, 'delta_ms_per_frame', '.2f')} / "
-                              f"{_cell(e, 'dense_ms_per_frame', '.2f')}",
-            _cell(e, "speedup", ".2f", suffix="x"),
-            _cell(e, "agreement", ".1f", 100, "%"),
+            fmt(e.get("executed_density"), ".1%"),
+            "-" if not e else f"{fmt(e['delta_ms_per_frame'], '.2f')} / "
+                              f"{fmt(e['dense_ms_per_frame'], '.2f')}",
+            fmt(e.get("speedup"), ".2f", "x"),
+            fmt(e.get("agreement"), ".1%"),
         )  # fmt: skip
     console.print(t)
     v = summary["delta_vs_l1"]

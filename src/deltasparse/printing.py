@@ -18,8 +18,9 @@ def short_name(name: str, width: int) -> str:
     return "…" + tail
 
 
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
+def fmt(v, spec: str, suffix: str = "", none: str = "-") -> str:
+    """``format(v, spec) + suffix``, or ``none`` for a missing figure (None)."""
+    return none if v is None else format(v, spec) + suffix
 
 
 def bench_table(result: dict):
@@ -41,7 +42,7 @@ def bench_table(result: dict):
             short_name(r["model"], 12), short_name(r["resolution"], 7), str(r["threads"]),
             f"{r['target_density']:.0%}", _density(r["density"]),
             _ms(r.get("fused_dense_ms")), _ms(r["delta_ms"]),
-            _fmt(fused, ".2f") + ("x" if fused is not None else ""),
+            fmt(fused, ".2f") + ("x" if fused is not None else ""),
             f"{r['achieved_speedup']:.1f}x", f"{r['ideal_speedup']:.1f}x",
         )  # fmt: skip
     t.caption = ("speedup: fused dense ms / delta ms (the engine with every op dense: same MACs, "
@@ -91,7 +92,7 @@ def stats_table(stats, top: int = 0):
                   pct(r["computed_density"]), pct(r["output_density"]), pct(eff),
                   f"{1e3 * r['time_s'] / f:.2f}")  # fmt: skip
     density = pct(stats.density if stats.dense_macs else None)
-    speedup = _fmt(stats.ideal_speedup if stats.effective_macs else None, ".2f") + "x"
+    speedup = fmt(stats.ideal_speedup if stats.effective_macs else None, ".2f") + "x"
     t.caption = (
         f"in / out: changed input / output pixels; computed: rows recomputed; MACs: "
         f"effective / dense. Total {density} of the dense MACs (ideal speedup {speedup}); "
@@ -164,8 +165,8 @@ def stream_summary(result: dict) -> list[str]:
     dens = result.get("density")
     lines.append(
         f"{result['frames']} frames {result['height']}x{result['width']} on {result['device']} "
-        f"({result['backend']}): {_fmt(fps, '.1f')} engine fps (frames / sum of step times), "
-        f"{_fmt(dens, '.1%')} of the dense MACs"
+        f"({result['backend']}): {fmt(fps, '.1f')} engine fps (frames / sum of step times), "
+        f"{fmt(dens, '.1%')} of the dense MACs"
     )
     preds = Counter(f.get("label", f.get("pred")) for f in result["per_frame"] if "pred" in f)
     if preds:
@@ -196,8 +197,7 @@ def bench_markdown(result: dict) -> str:
     headline speedup is against the fused dense baseline, as in :func:`bench_table`."""
 
     def f(r, key, spec, suffix=""):
-        v = r.get(key)
-        return "-" if v is None else format(v, spec) + suffix
+        return fmt(r.get(key), spec, suffix)
 
     head = ("| model | resolution | threads | target density | achieved density | "
             "fused dense ms | delta ms | speedup vs fused dense | eager ms | vs eager | ideal | "
