@@ -169,7 +169,7 @@ def test_config_json_roundtrip():
     text = cfg.to_json()
     d = json.loads(text)
     assert (
-        d["version"] == 2  # 2: gate and mode
+        d["version"] == 3  # 2: gate and mode; 3: token gates
         and d["after"] == ["ReLU"]
         and d["overrides"]["c"]["threshold_init"] == 0.4
     )
@@ -183,8 +183,8 @@ def test_config_json_roundtrip():
 def test_config_errors():
     with pytest.raises(ValueError, match=r"unknown DeltaConfig fields \['colour'\]"):
         ds.DeltaConfig.from_dict({"colour": "red"})
-    with pytest.raises(ValueError, match="version 3 is newer"):
-        ds.DeltaConfig.from_dict({"version": 3})
+    with pytest.raises(ValueError, match="version 4 is newer"):
+        ds.DeltaConfig.from_dict({"version": 4})
     old = ds.DeltaConfig.from_dict({"version": 1, "kind": "l1"})  # before gate and mode
     assert (old.kind, old.gate, old.mode) == ("l1", "scalar", "grid")
     with pytest.raises(ValueError, match="kind"):

@@ -74,7 +74,26 @@ def _calibrated(model: nn.Module, frames) -> nn.Module:
     return gm.eval()
 
 
-@pytest.mark.parametrize("name", ds.models.list_models())
+CNNS = [n for n in ds.models.list_models() if not ds.models.uses_tokens(n)]
+TRANSFORMERS = [n for n in ds.models.list_models() if ds.models.uses_tokens(n)]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_every_transformer_streams_through_the_engine_like_the_dense_model(name):
+    """Token gates (kind='token'), at the registry's default size: the engine equals the dense
+    streaming model (the gates keeping their references) on every frame."""
+    frames = list(synthetic_stream(5, SHAPE, objects=1, object_size=0.3, seed=4))
+    gm = ds.convert(_create(name).eval(), ds.DeltaConfig(kind="token", threshold_init=0.05))
+    gm.eval()
+    eng = ds.DeltaEngine(gm)
+    with torch.no_grad(), ds.streaming(gm):
+        for t, f in enumerate(frames):
+            want, got = gm(f), eng.step(f)
+            assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max()), t
+    assert eng.stats.density < 1
+
+
+@pytest.mark.parametrize("name", CNNS)
 def test_every_model_streams_through_the_engine_like_the_dense_model(name):
     """Frame by frame: the streamed engine equals a freshly reset engine (no history, DESIGN
     §4 (a)) and, on every frame without a quantiser flip, the dense model to 1e-4.

@@ -17,7 +17,15 @@ from torch import fx, nn
 
 from .layers import SparsityLayer
 
-__all__ = ["Consumer", "FanOutError", "Tracer", "find_consumers", "trace", "fan_out_of"]
+__all__ = [
+    "Consumer",
+    "FanOutError",
+    "Tracer",
+    "fan_out_of",
+    "find_consumers",
+    "is_attention",
+    "trace",
+]
 
 MAC_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _ELEMENTWISE_MODULES = (
@@ -62,11 +70,22 @@ class FanOutError(ValueError):
     """The consumers of an activation cannot be traced through the graph."""
 
 
+def is_attention(m: nn.Module) -> bool:
+    """A self-attention module the token engine runs as one op: ``nn.MultiheadAttention`` or a
+    timm-style ``Attention`` (a ``qkv`` and a ``proj`` linear and ``num_heads``)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    return (isinstance(getattr(m, "qkv", None), nn.Linear)
+            and isinstance(getattr(m, "proj", None), nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int))  # fmt: skip
+
+
 class Tracer(fx.Tracer):
-    """fx tracer that keeps the inserted sparsity layers as leaves."""
+    """fx tracer that keeps the inserted sparsity layers and attention modules as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SparsityLayer) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, SparsityLayer) or is_attention(m)
+                or super().is_leaf_module(m, qualname))  # fmt: skip
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -148,3 +167,64 @@ def module_fan_out(mod: nn.Module) -> float:
 
 def fan_out_of(gm: fx.GraphModule, node: fx.Node) -> float:
     return float(sum(module_fan_out(c.module) for c in find_consumers(gm, node)))
+
+
+_TOKENWISE_MODULES = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Tanh, nn.Sigmoid,
+                      nn.Dropout, nn.Identity, nn.LayerNorm)  # fmt: skip
+
+
+def attention_qkv_macs(m: nn.Module) -> int:
+    """MACs of the q, k, v projections of one token in an attention module."""
+    if isinstance(m, nn.MultiheadAttention):
+        return 3 * m.embed_dim * m.embed_dim
+    return m.qkv.in_features * m.qkv.out_features
+
+
+def token_fan_out(gm: fx.GraphModule, start: fx.Node) -> float:
+    """MACs one sent token of a token gate at ``start`` triggers: the linears it reaches through
+    token-wise ops (an MLP: ``fc1``, its activation, ``fc2``) and the q, k, v projections of an
+    attention module it feeds. What follows a residual add or an attention's token mixing is not
+    the gate's: the next gate decides there."""
+    modules = dict(gm.named_modules())
+    total = 0
+    seen: set[fx.Node] = set()
+
+    def walk(node: fx.Node) -> None:
+        nonlocal total
+        for user in node.users:
+            if user in seen or user.op != "call_module":
+                continue
+            seen.add(user)
+            mod = modules[user.target]
+            if isinstance(mod, SparsityLayer):
+                continue
+            if is_attention(mod):
+                total += attention_qkv_macs(mod)
+            elif isinstance(mod, nn.Linear):
+                total += mod.in_features * mod.out_features
+                walk(user)
+            elif isinstance(mod, _TOKENWISE_MODULES):
+                walk(user)
+
+    walk(start)
+    if not total:
+        raise FanOutError(
+            f"the token gate at '{start.name}' feeds no linear or attention module through "
+            "token-wise ops"
+        )
+    return float(total)
+
+
+def feeds_tokens(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` (a LayerNorm) feeds an attention module or a linear directly (through
+    dropout / identity): where Eventful Transformers place their token gates."""
+    modules = dict(gm.named_modules())
+    for user in node.users:
+        if user.op != "call_module":
+            continue
+        mod = modules[user.target]
+        if is_attention(mod) or isinstance(mod, nn.Linear):
+            return True
+        if isinstance(mod, (nn.Dropout, nn.Identity)) and feeds_tokens(gm, user):
+            return True
+    return False

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._graph import FanOutError, fan_out_of, find_consumers, trace
-from .layers import ActivationL1, DeltaActivation, SparsityLayer, VideoModel
+from ._graph import FanOutError, fan_out_of, feeds_tokens, find_consumers, token_fan_out, trace
+from .layers import ActivationL1, DeltaActivation, SparsityLayer, TokenDelta, VideoModel
 
 __all__ = ["DeltaConfig", "convert", "revert"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_VERSION = 2  # 2: gate and mode
-_KINDS = ("delta", "l1")
-_LAYER_OPTIONS = {
+CONFIG_VERSION = 3  # 2: gate and mode; 3: token gates (kind="token", policy, k, fraction)
+_KINDS = ("delta", "l1", "token")
+_DELTA_OPTIONS = {
     "granularity",
     "threshold_init",
     "sparsity_weight",
@@ -40,6 +40,9 @@ _LAYER_OPTIONS = {
     "gate",
     "mode",
 }
+_TOKEN_OPTIONS = {"threshold_init", "sparsity_weight", "threshold_trainable", "fan_out",
+                  "policy", "k", "fraction"}  # fmt: skip
+_LAYER_OPTIONS = _DELTA_OPTIONS | _TOKEN_OPTIONS
 _FUNCTIONAL = {
     "ReLU": ({F.relu, torch.relu}, {"relu", "relu_"}),
     "ReLU6": ({F.relu6}, set()),
@@ -52,7 +55,12 @@ class DeltaConfig:
     """What ``convert()`` inserts, where, and with which options.
 
     Args:
-        kind: ``"delta"`` (:class:`DeltaActivation`) or ``"l1"`` (:class:`ActivationL1`).
+        kind: ``"delta"`` (:class:`DeltaActivation`), ``"l1"`` (:class:`ActivationL1`) or
+            ``"token"`` (:class:`TokenDelta` gates in transformer blocks: after every
+            ``LayerNorm`` that feeds an attention module or a linear, i.e. before the qkv
+            projection and before the MLP, where Eventful Transformers gate; the sites are
+            named after the LayerNorm modules, ``after``/``functional``/``on_input`` do not
+            apply).
         after: class names of the activation modules to insert after.
         functional: also insert after functional calls (``F.relu`` …) of those activations.
         on_input: also insert a layer on the input pixels.
@@ -61,7 +69,8 @@ class DeltaConfig:
             for functional calls, ``"input"`` for the input layer); ``{"skip": True}`` leaves a
             site out.
         Other fields are the layer options of :class:`DeltaActivation` (``gate``: ``"scalar"`` or
-        ``"pixel"``; ``mode``: ``"grid"`` or ``"hysteresis"``). For an input gate, as the
+        ``"pixel"``; ``mode``: ``"grid"`` or ``"hysteresis"``) or, for ``kind="token"``, of
+        :class:`TokenDelta` (``policy``, ``k``, ``fraction``, ``threshold_init``, ...). For an input gate, as the
         video recipe uses, set ``on_input=True`` and give the input its own options with
         ``overrides={"input": {...}}``.
     """
@@ -76,6 +85,9 @@ class DeltaConfig:
     threshold_trainable: bool = True
     gate: str = "scalar"
     mode: str = "grid"
+    policy: str = "threshold"
+    k: int | None = None
+    fraction: float | None = None
     after: tuple[str, ...] = ("ReLU", "ReLU6", "Hardtanh")
     functional: bool = True
     on_input: bool = False
@@ -87,6 +99,11 @@ class DeltaConfig:
         if self.kind not in _KINDS:
             raise ValueError(f"DeltaConfig.kind must be one of {_KINDS}, got {self.kind!r}")
         object.__setattr__(self, "after", tuple(self.after))
+        if self.kind == "token" and self.on_input:
+            raise ValueError(
+                "DeltaConfig(kind='token'): on_input is for CNNs (a gate on the input pixels); "
+                "token gates sit in the transformer blocks; drop on_input=True"
+            )
         for name, opts in self.overrides.items():
             bad = set(opts) - _LAYER_OPTIONS - {"skip"}
             if bad:
@@ -137,12 +154,21 @@ class DeltaConfig:
     def make_layer(self, opts: Mapping[str, Any], fan_out: float) -> SparsityLayer:
         if self.kind == "l1":
             return ActivationL1(opts["sparsity_weight"], fan_out, input_layout="frame")
-        kw = {k: opts[k] for k in _LAYER_OPTIONS - {"fan_out"}}
+        if self.kind == "token":
+            kw = {k: opts[k] for k in _TOKEN_OPTIONS - {"fan_out"}}
+            return TokenDelta(**kw, fan_out=fan_out, input_layout="frame")
+        kw = {k: opts[k] for k in _DELTA_OPTIONS - {"fan_out"}}
         return DeltaActivation(**kw, fan_out=fan_out, input_layout="frame")
 
 
-def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig) -> str | None:
-    """The site name when ``node`` is a selected activation, else ``None``."""
+def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig,
+                     gm: fx.GraphModule | None = None) -> str | None:  # fmt: skip
+    """The site name when ``node`` is a selected activation (for token gates: a LayerNorm that
+    feeds tokens to an attention module or a linear), else ``None``."""
+    if cfg.kind == "token":
+        if node.op == "call_module" and isinstance(modules[node.target], nn.LayerNorm):
+            return str(node.target) if feeds_tokens(gm, node) else None
+        return None
     if node.op == "call_module":
         if type(modules[node.target]).__name__ in cfg.after:
             return str(node.target)
@@ -173,6 +199,13 @@ def _activations_found(gm: fx.GraphModule, modules: dict) -> dict[str, list[str]
 def _no_sites_error(gm: fx.GraphModule, modules: dict, config: DeltaConfig,
                     candidates: int) -> ValueError:  # fmt: skip
     """A model where convert() would insert nothing trains nothing for sparsity: refuse it."""
+    if config.kind == "token" and not candidates:
+        return ValueError(
+            f"convert(): DeltaConfig(kind='token') found no nn.LayerNorm in {type(gm).__name__} "
+            "that feeds an attention module (nn.MultiheadAttention or a timm-style Attention "
+            "with qkv/proj linears) or a linear, so no token gate would be inserted; token "
+            "gates are for transformer blocks (for CNNs use kind='delta')"
+        )
     if candidates:
         return ValueError(
             f"convert(): filter_fn / overrides skipped every activation site ({candidates} of "
@@ -237,7 +270,7 @@ def convert(
         if node.op == "placeholder" and config.on_input and not sites:
             sites.append(("input", node))
             continue
-        site = _activation_site(node, modules, config)
+        site = _activation_site(node, modules, config, gm)
         if site is None:
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
@@ -246,7 +279,7 @@ def convert(
         sites.append((site, node))
 
     known = {"input"} | {
-        s for n in gm.graph.nodes if (s := _activation_site(n, modules, config)) is not None
+        s for n in gm.graph.nodes if (s := _activation_site(n, modules, config, gm)) is not None
     }
     for name in set(config.overrides) - known:
         # A misspelt site would silently keep the defaults; say so.
@@ -259,7 +292,7 @@ def convert(
         opts = config.layer_options(site)
         if opts is None:
             continue
-        base = f"{site}_delta" if config.kind == "delta" else f"{site}_l1"
+        base = f"{site}_{config.kind}"  # _delta, _l1, _token
         target = _unique_target(gm, base)
         gm.add_submodule(target, nn.Identity())  # placeholder until fan-out is known
         with gm.graph.inserting_after(node):
@@ -276,7 +309,7 @@ def convert(
         fan_out = config.overrides.get(site, {}).get("fan_out")
         if fan_out is None:
             try:
-                fan_out = fan_out_of(gm, new)
+                fan_out = token_fan_out(gm, new) if config.kind == "token" else fan_out_of(gm, new)
             except FanOutError as exc:
                 if config.fan_out is None:
                     raise FanOutError(

@@ -232,6 +232,19 @@ def _validate(cfg: TrainConfig) -> None:
         if not ok(getattr(cfg, name)):
             raise ValueError(f"{name} ({_flag(name)}) must be {expected}, got "
                              f"{getattr(cfg, name)!r}; pass e.g. {_flag(name)} {example}")
+    if models.uses_tokens(cfg.model):
+        cnn = {"gate": "scalar", "mode": "grid", "input_gate": False}
+        bad = [f"{_flag(k)} {getattr(cfg, k)}" for k, v in cnn.items() if getattr(cfg, k) != v]
+        if bad:
+            raise ValueError(
+                f"{cfg.model} is a transformer: its delta layers are token gates (before the qkv "
+                f"projections and the MLPs), not the CNN's pixel gates; drop {', '.join(bad)}"
+            )
+        if cfg.resolution % 16:
+            raise ValueError(
+                f"resolution (--resolution) must be a multiple of {cfg.model}'s patch size 16, "
+                f"got {cfg.resolution}; pass e.g. --resolution {16 * max(1, cfg.resolution // 16)}"
+            )
     if cfg.data == "synthetic" and cfg.resolution % 2:
         raise ValueError(f"resolution (--resolution) must be an even integer >= {MIN_RESOLUTION} "
                          f"(the embedded videos are H.264 4:2:0: even frame sizes), got "
@@ -491,6 +504,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> VideoModel:
     kw: dict[str, Any] = {"num_classes": num_classes}
     if cfg.model in ("mobilenet_v1", "mobilenet_v2", "convnet", "convnet_pw", "dsconvnet"):
         kw["width_mult"] = cfg.width
+    if models.uses_tokens(cfg.model):
+        kw["img_size"] = cfg.resolution
     frame = models.create(cfg.model, **kw)
     dcfg = delta_config(cfg)
     if dcfg is not None:
@@ -505,6 +520,10 @@ def delta_config(cfg: TrainConfig) -> DeltaConfig | None:
         return None
     if kind == "l1":
         return DeltaConfig(kind="l1", sparsity_weight=cfg.sparsity_weight)
+    if models.uses_tokens(cfg.model):
+        # a transformer: token gates before the qkv projections and the MLPs
+        return DeltaConfig(kind="token", threshold_init=cfg.threshold_init,
+                           sparsity_weight=cfg.sparsity_weight)  # fmt: skip
     overrides = {}
     if cfg.input_gate:
         # Three colour channels: one step per channel; the same gate and mode as the others.

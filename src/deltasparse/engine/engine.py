@@ -18,6 +18,7 @@ from .kernels import Backend, GeometryCache, get_backend
 from .plan import UnsupportedOpError, build_plan, trace_model
 from .runtime import Runtime, build_runtime
 from .stats import EngineStats, FallbackWarning
+from .tokens import TokenRuntime, has_tokens
 
 __all__ = ["DeltaEngine"]
 
@@ -51,6 +52,10 @@ class DeltaEngine:
             raise TypeError(f"DeltaEngine expects an nn.Module, got {type(model).__name__}")
         self.model = model
         self._check_eval(model)
+        self._tokens = None
+        if has_tokens(model):  # a transformer: the token runtime (engine/tokens.py)
+            self._init_tokens(model, backend, crossover)
+            return
         self._gm = trace_model(model)
         self._plan, self._alias = build_plan(self._gm, fallback=fallback)
         self._check_layers()
@@ -78,6 +83,35 @@ class DeltaEngine:
         # A backend with device kernels (triton) can run whole steps as one CUDA graph.
         self._cuda_graph = cuda_graph
         self._graph = None
+
+    def _init_tokens(self, model: nn.Module, backend, crossover) -> None:
+        if not isinstance(backend, str):
+            raise ValueError("DeltaEngine: token models take a backend name ('torch', 'reference')")
+        name = "torch" if backend in ("auto", "torch") else backend
+        self._fallbacks = []
+        self._tokens = TokenRuntime(model, backend=name,
+                                    crossover=(crossover or {}).get("linear"))  # fmt: skip
+        self._gm = self._tokens.gm
+        p = next(iter(self._gm.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.dtype = p.dtype if p is not None else torch.float32
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"DeltaEngine runs float32 (or float64) models, got {self.dtype}; call "
+                "model.float()"
+            )
+        self.backend = type("TokenBackend", (), {"name": name})()
+        self.crossover = {"linear": self._tokens.crossover}
+        self._runtime = None
+        self._frames = 0
+        self._shape = None
+        self._graph = None
+        self._cuda_graph = False
+
+    @property
+    def tokens(self) -> TokenRuntime | None:
+        """The token runtime of a transformer (``None`` for CNNs)."""
+        return self._tokens
 
     @staticmethod
     def _check_eval(model: nn.Module) -> None:
@@ -145,6 +179,8 @@ class DeltaEngine:
     # -- streaming ---------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the stream: the next frame is computed densely; parameters are re-read."""
+        if self._tokens is not None:
+            self._tokens.reset()
         self._runtime = None
         self._frames = 0
         self._shape = None
@@ -176,6 +212,10 @@ class DeltaEngine:
     def step(self, frame: torch.Tensor) -> torch.Tensor:
         """The model output for ``frame``; the first frame after ``reset()`` is dense."""
         self._check_frame(frame)
+        if self._tokens is not None:
+            self._shape = tuple(frame.shape)
+            self._frames += 1
+            return self._tokens.step(frame)
         first = self._runtime is None
         if first:
             self._runtime = self._build(tuple(frame.shape))
@@ -236,6 +276,10 @@ class DeltaEngine:
 
     def values(self, names=None) -> dict[str, torch.Tensor]:
         """The engine's current state per fx node name (NCHW / (B, F) copies; for checks)."""
+        if self._tokens is not None:
+            vals = self._tokens.values
+            return {n.name: v for n, v in vals.items() if isinstance(v, torch.Tensor)
+                    and (names is None or n.name in names)}  # fmt: skip
         rt = self._runtime
         if rt is None:
             return {}
@@ -248,6 +292,8 @@ class DeltaEngine:
     # -- reporting ---------------------------------------------------------------------
     @property
     def stats(self) -> EngineStats:
+        if self._tokens is not None:
+            return self._tokens.engine_stats(backend=self.backend.name, fallbacks=self._fallbacks)
         if self._graph is not None:
             self._graph.flush_stats()
         rt = self._runtime

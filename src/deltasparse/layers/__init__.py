@@ -3,6 +3,7 @@
 from ._base import LayerStats, SparsityLayer
 from .delta import DeltaActivation, hysteresis_step, quantize, reset_state, streaming
 from .l1 import ActivationL1
+from .token import TokenDelta
 from .video import VideoModel, clip_context, sparsity_layers
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DeltaActivation",
     "LayerStats",
     "SparsityLayer",
+    "TokenDelta",
     "VideoModel",
     "clip_context",
     "hysteresis_step",

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import LayerStats, SparsityLayer, count_nonzero
+from .token import TokenDelta
 
 __all__ = ["DeltaActivation", "hysteresis_step", "quantize", "reset_state", "streaming"]
 
@@ -488,22 +489,26 @@ class DeltaActivation(SparsityLayer):
         )
 
 
+_STATEFUL = (DeltaActivation, TokenDelta)
+
+
 def reset_state(model: nn.Module) -> None:
-    """Reset the stream state of every hysteresis layer in ``model`` (a new stream starts)."""
+    """Reset the stream state of every hysteresis or token gate in ``model`` (a new stream
+    starts)."""
     for m in model.modules():
-        if isinstance(m, DeltaActivation):
+        if isinstance(m, _STATEFUL):
             m.reset_state()
 
 
 @contextmanager
 def streaming(model: nn.Module):
-    """Within the block, the hysteresis layers of ``model`` called frame by frame keep their
-    references between calls (one call = one time step of ``B`` streams), starting from new
-    streams; on exit they are stateless again. Grid layers are unaffected.
+    """Within the block, the hysteresis layers and token gates of ``model`` called frame by
+    frame keep their references between calls (one call = one time step of ``B`` streams),
+    starting from new streams; on exit they are stateless again. Grid layers are unaffected.
 
     ``with deltasparse.streaming(frame_model): outs = [frame_model(f) for f in frames]`` is
     the dense streaming model that ``DeltaEngine`` reproduces frame by frame."""
-    layers = [m for m in model.modules() if isinstance(m, DeltaActivation)]
+    layers = [m for m in model.modules() if isinstance(m, _STATEFUL)]
     before = [m.streaming for m in layers]
     for m in layers:
         m.streaming = True

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import fx, nn
 
-__all__ = ["ExecutedCounter"]
+__all__ = ["ExecutedCounter", "TokenExecutedCounter"]
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,18 @@ class ExecutedCounter:
             pred.step_changes({n: m[:, i].reshape(-1).nonzero().squeeze(1)
                                for n, m in masks.items()})  # fmt: skip
         end = _snapshot(pred.op_stats)
+        self._accumulate([(o.name, o.kind) for o in pred.op_stats], before, after_first, end,
+                         pred.backend.name, b, t)  # fmt: skip
+        return y
+
+    def _accumulate(self, names, before, after_first, end, backend: str, b: int, t: int) -> None:
+        """Add one batch of ``b`` streams of ``t`` frames: op snapshots before the first frame,
+        after it and at the end."""
         if self._names is None:
-            self._names = [(o.name, o.kind) for o in pred.op_stats]
+            self._names = names
             self._first = [[0, 0, 0, 0] for _ in self._names]
             self._steady = [[0, 0, 0, 0] for _ in self._names]
-            self.backend_name = pred.backend.name
+            self.backend_name = backend
         for acc, a, z in ((self._first, before, after_first), (self._steady, after_first, end)):
             for row, x0, x1 in zip(acc, a, z, strict=True):
                 for k in range(4):
@@ -101,7 +108,6 @@ class ExecutedCounter:
         self.frames_first += b
         self.frames_steady += b * (t - 1)
         self.streams.add(b)
-        return y
 
     def summary(self) -> dict | None:
         """The executed-MACs part of the report (``None`` before any clip was run)."""
@@ -112,6 +118,7 @@ class ExecutedCounter:
         eff_f = sum(r[0] for r in self._first)
         dense_f = sum(r[1] for r in self._first)
         layers = []
+        ops: dict[str, list[int]] = {}
         for (name, kind), r in zip(self._names, self._steady, strict=True):
             if kind == "input":
                 continue
@@ -121,6 +128,10 @@ class ExecutedCounter:
                 "dense_macs_per_frame": r[1] / self.frames_steady,
                 "computed_density": r[2] / r[3] if r[3] else None,
             })  # fmt: skip
+            if r[1]:
+                acc = ops.setdefault(kind, [0, 0])
+                acc[0] += r[0]
+                acc[1] += r[1]
         return {
             "backend": self.backend_name,
             "streams": sorted(self.streams),
@@ -130,5 +141,47 @@ class ExecutedCounter:
             "executed_fraction": eff_s / dense_s if dense_s else None,
             "executed_fraction_with_first": (eff_s + eff_f) / (dense_s + dense_f)
             if dense_s + dense_f else None,
+            # by op kind (conv, depthwise, linear; for transformers qkv, qk, av, proj, mlp)
+            "ops": {k: {"executed_macs_per_frame": e / self.frames_steady,
+                        "dense_macs_per_frame": d / self.frames_steady,
+                        "executed_fraction": e / d} for k, (e, d) in ops.items()},
             "layers": layers,
         }
+
+
+class TokenExecutedCounter(ExecutedCounter):
+    """The executed MACs of a transformer with token gates: each batch of clips is streamed
+    through the engine's own token runtime (:mod:`deltasparse.engine.tokens`), ``B`` streams
+    from a reset, so that what is counted is what the engine executes."""
+
+    def __init__(self, frame_model: nn.Module, *, backend: str = "auto",
+                 crossover: dict[str, float] | None = None) -> None:  # fmt: skip
+        super().__init__(frame_model, backend=backend, crossover=crossover)
+        self._rt = None
+
+    def run(self, frames: torch.Tensor, b: int, t: int):
+        from ..engine.plan import UnsupportedOpError
+        from ..engine.tokens import TokenRuntime
+
+        y = self.frame_model(frames)
+        try:
+            if self._rt is None:
+                name = "torch" if self.backend in ("auto", "torch") else self.backend
+                self._rt = TokenRuntime(self.frame_model, backend=name,
+                                        crossover=(self.crossover or {}).get("linear"))  # fmt: skip
+            rt = self._rt
+            rt.reset()
+            clip = frames.reshape(b, t, *frames.shape[1:])
+            rt.step(clip[:, 0])
+            ops = rt.op_stats()
+            zero = [(0, 0, 0, 0)] * len(ops)
+            after_first = _snapshot(ops)
+            for i in range(1, t):
+                rt.step(clip[:, i])
+        except (UnsupportedOpError, ValueError, TypeError) as exc:
+            self.error = str(exc)
+            log.warning("measure(): no executed-MACs prediction: %s", exc)
+            return y
+        self._accumulate([(o.name, o.kind) for o in ops], zero, after_first, _snapshot(ops),
+                         rt.backend, b, t)  # fmt: skip
+        return y

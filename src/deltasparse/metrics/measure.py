@@ -15,10 +15,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._graph import Consumer, FanOutError, find_consumers
+from .._graph import Consumer, FanOutError, find_consumers, is_attention
 from ..convert import DeltaConfig, convert
-from ..layers import DeltaActivation, SparsityLayer, VideoModel, clip_context, sparsity_layers
-from .executed import ExecutedCounter
+from ..layers import (
+    DeltaActivation,
+    SparsityLayer,
+    TokenDelta,
+    VideoModel,
+    clip_context,
+    sparsity_layers,
+)
+from .executed import ExecutedCounter, TokenExecutedCounter
 from .macs import consumer_macs
 from .report import LayerReport, SparsityReport
 
@@ -101,7 +108,12 @@ def measure(
     video = model if isinstance(model, VideoModel) else None
     frame_model = video.frame_model if video is not None else model
     probed = not any(True for _ in sparsity_layers(frame_model))
-    if probed:  # a plain model: probe its activations with zero-weight L1 layers
+    if probed and any(is_attention(m) for m in frame_model.modules()):
+        # a plain transformer: token gates that send every token that changed at all (a step
+        # of 1e-30) count the temporal changes the engine would compute on the dense model
+        frame_model = convert(frame_model, DeltaConfig(kind="token", sparsity_weight=0.0,
+                                                       threshold_init=1e-30))  # fmt: skip
+    elif probed:  # a plain model: probe its activations with zero-weight L1 layers
         frame_model = convert(frame_model, DeltaConfig(kind="l1", sparsity_weight=0.0))
     layers = dict(sparsity_layers(frame_model))
     if not layers:
@@ -113,9 +125,9 @@ def measure(
     modules = dict(frame_model.named_modules())
     accs = {
         name: _Acc(
-            "activation" if probed else ("delta" if isinstance(m, DeltaActivation) else "l1"),
+            "activation" if probed and not isinstance(m, TokenDelta) else _kind(m),
             m.fan_out,
-            consumers.get(name),
+            None if isinstance(m, TokenDelta) else consumers.get(name),
         )
         for name, m in layers.items()
     }
@@ -134,6 +146,15 @@ def measure(
         acc = accs[name]
         acc.shape = list(out.shape[1:])
         t = layer.clip_len
+        if isinstance(layer, TokenDelta) and t is not None:
+            # tokens sent in frames t >= 1, as the gate counted them (a budget policy may send
+            # an unchanged token: the engine computes it all the same)
+            acc.delta_nonzero += layer.stats.nonzero
+            acc.delta_total += layer.stats.total
+            acc.act_nonzero += int(torch.count_nonzero(out))
+            acc.act_total += out.numel()
+            acc.frames += out.shape[0]
+            return
         if isinstance(layer, DeltaActivation) and t is not None:
             clip = out.reshape(out.shape[0] // t, t, *out.shape[1:])
             q = clip.cumsum(dim=1) if layer.delta_output else clip
@@ -152,7 +173,11 @@ def measure(
         macs(acc, name, binary)
 
     runner = VideoModel(frame_model, video.average) if (video is not None and probed) else video
-    counter = ExecutedCounter(frame_model, backend=engine, crossover=crossover) if engine else None
+    counter = None
+    if engine:
+        tokens = any(isinstance(m, TokenDelta) for m in layers.values())
+        kind = TokenExecutedCounter if tokens else ExecutedCounter
+        counter = kind(frame_model, backend=engine, crossover=crossover)
     was_training = model.training
     model.eval()
     frame_model.eval()
@@ -193,8 +218,14 @@ def measure(
     return report
 
 
+def _kind(layer: SparsityLayer) -> str:
+    if isinstance(layer, TokenDelta):
+        return "token"
+    return "delta" if isinstance(layer, DeltaActivation) else "l1"
+
+
 def _threshold_stats(layer: SparsityLayer) -> dict | None:
-    if not isinstance(layer, DeltaActivation) or layer.theta is None:
+    if not isinstance(layer, (DeltaActivation, TokenDelta)) or layer.theta is None:
         return None
     thr = layer.threshold.detach().flatten().float().cpu()
     return {

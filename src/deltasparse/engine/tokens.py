@@ -1,0 +1,526 @@
+"""The token engine: streaming delta inference of transformers with token gates (DESIGN.md §4).
+
+:class:`~deltasparse.DeltaEngine` runs a model with :class:`~deltasparse.TokenDelta` gates (or
+attention modules) through this runtime. It interprets the model's fx graph node by node and
+keeps, per node, the current value and which of its entries changed on this step:
+
+* a **token gate** decides, per token, from its input and its reference (the last value sent),
+  exactly as the layer does when streaming; its output changes in the sent tokens only;
+* a **linear** (``nn.Linear``, the MLP's ``fc1``/``fc2``, the head) recomputes only the rows
+  (tokens) whose input changed, gathered into one GEMM and scattered back;
+* an **attention module** (a timm-style ``Attention`` or ``nn.MultiheadAttention``)
+  recomputes q, k, v for the changed tokens; when any token of a sample changed, every query of
+  that sample attends again (a changed key reaches every query) and the output projection runs
+  for the sample's tokens;
+* the **patch embedding** (a conv with kernel = stride) recomputes the patches whose pixels
+  changed;
+* everything else (LayerNorm, GELU, residual adds, reshapes, pooling over tokens) has no MACs:
+  it is recomputed when an input changed, and its changed entries are found by comparing the new
+  value with the old one.
+
+So the output on every frame is the gated network's output for the current frame and the gates'
+current references (:meth:`TokenRuntime.replay` computes that with the model's own modules; a
+test holds the two equal over 1,000 frames), and the MACs counted are those executed.
+``measure()`` runs this same runtime on its clips, so what it reports is what the engine does.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .._graph import Tracer, is_attention
+from .ops import OpStats
+from .plan import UnsupportedOpError
+from .stats import EngineStats
+
+__all__ = ["TokenRuntime", "has_tokens"]
+
+# functional ops with MACs: the engine counts and skips MAC work in modules only
+_MAC_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.scaled_dot_product_attention, torch.matmul,
+                  torch.bmm, torch.einsum, operator.matmul, torch.mm, torch.addmm}  # fmt: skip
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+CROSSOVER = 0.6  # above this fraction of changed rows a linear runs dense (one full GEMM)
+
+
+def has_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` is for the token engine: token gates or attention modules."""
+    from ..layers import TokenDelta
+
+    return any(isinstance(m, TokenDelta) or is_attention(m) for m in model.modules())
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    from ..layers import VideoModel
+
+    if isinstance(model, VideoModel):
+        model = model.frame_model
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise UnsupportedOpError(
+            f"DeltaEngine: torch.fx could not trace {type(model).__name__}: {exc}. Pass the "
+            "GraphModule that ds.convert() returns, or make the model fx-traceable"
+        ) from exc
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    originals = dict(model.named_modules())
+    for name, m in gm.named_modules():
+        if name in originals:
+            m.training = originals[name].training
+    return gm
+
+
+def _patch_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride)
+            and tuple(m.dilation) == (1, 1) and m.groups == 1 and m.padding in ((0, 0), 0)
+            and m.padding_mode == "zeros")  # fmt: skip
+
+
+def _lookup(env: dict, a):
+    return fx.node.map_arg(a, lambda n: env[n])
+
+
+def _shares_storage(out: torch.Tensor, ins) -> bool:
+    ptr = out.untyped_storage().data_ptr()
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
+               for t in ins)  # fmt: skip
+
+
+class _Op:
+    """One node's computation; ``stats`` lists what it counts (empty for MAC-free ops)."""
+
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+        self.stats: list[OpStats] = []
+
+
+class TokenRuntime:
+    """Streams ``B`` independent streams of frames through a token-gated model (module doc).
+
+    ``backend``: ``"torch"`` (delta) or ``"reference"`` (every node recomputed densely on every
+    frame, the gates still deciding: the spec the delta path must equal).
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str = "torch",
+                 crossover: float | None = None) -> None:  # fmt: skip
+        from ..layers import DeltaActivation, SparsityLayer, TokenDelta
+
+        if backend not in ("torch", "reference"):
+            raise ValueError(
+                f"DeltaEngine: token models run on backend 'torch' (or 'reference'); got "
+                f"{backend!r} (there are no C++/Triton token kernels yet)"
+            )
+        self.backend = backend
+        self.crossover = CROSSOVER if crossover is None else float(crossover)
+        self.gm = _trace(model)
+        self.modules = dict(self.gm.named_modules())
+        self.nodes = list(self.gm.graph.nodes)
+        self._mlp = self._mlp_linears()
+        for node in self.nodes:
+            if node.op == "call_function" and node.target in _MAC_FUNCTIONS:
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): the functional op '{node.name}' "
+                    f"({getattr(node.target, '__name__', node.target)}) does MAC work outside a "
+                    "module, which the token engine can neither skip nor count; use nn.Linear / "
+                    "an attention module (timm-style Attention or nn.MultiheadAttention)"
+                )
+            if node.op != "call_module":
+                continue
+            m = self.modules[node.target]
+            if isinstance(m, DeltaActivation):
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): '{node.target}' is a DeltaActivation (a CNN gate) in a "
+                    "model with token gates or attention; convert transformers with "
+                    "DeltaConfig(kind='token')"
+                )
+            if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): nn.MultiheadAttention '{node.target}' has "
+                    "batch_first=False; the token engine runs (N, L, D) tokens (batch_first=True)"
+                )
+            known = (TokenDelta, nn.Linear) + _NORMS
+            if isinstance(m, SparsityLayer) and not isinstance(m, TokenDelta):
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): '{node.target}' ({type(m).__name__}) is not a token gate"
+                )
+            if not (isinstance(m, known) or is_attention(m) or _patch_conv(m)) and any(
+                True for _ in m.parameters(recurse=True)
+            ):
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): module '{node.target}' ({type(m).__name__}) has "
+                    "weights but no token kernel (supported: nn.Linear, attention modules, a "
+                    "patch-embedding conv with kernel = stride, LayerNorm and other norms)"
+                )
+        self.reset()
+
+    def _mlp_linears(self) -> set[fx.Node]:
+        """Linears reached from a token gate through token-wise ops (the MLPs)."""
+        from .._graph import _TOKENWISE_MODULES
+        from ..layers import TokenDelta
+
+        out: set[fx.Node] = set()
+        todo = [n for n in self.nodes if n.op == "call_module"
+                and isinstance(self.modules[n.target], TokenDelta)]  # fmt: skip
+        while todo:
+            for user in todo.pop().users:
+                if user.op != "call_module" or user in out:
+                    continue
+                m = self.modules[user.target]
+                if isinstance(m, nn.Linear):
+                    out.add(user)
+                    todo.append(user)
+                elif isinstance(m, _TOKENWISE_MODULES):
+                    todo.append(user)
+        return out
+
+    # -- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.values: dict[fx.Node, object] = {}
+        self.changes: dict[fx.Node, torch.Tensor | None] = {}
+        self.refs: dict[fx.Node, torch.Tensor] = {}
+        self.qkv: dict[fx.Node, torch.Tensor] = {}
+        self.frames = 0
+        self._stats: dict[fx.Node, list[OpStats]] = {}
+
+    def _op_stats(self, node: fx.Node, parts: list[tuple[str, str, int, int]]) -> list[OpStats]:
+        """The node's OpStats, made on first use: ``(suffix, kind, macs_per_row, rows)``."""
+        if node not in self._stats:
+            self._stats[node] = [
+                OpStats(name=f"{node.target}{suffix}", kind=kind, kernel=self.backend,
+                        dense_macs_per_frame=macs * rows, macs_per_row=macs, out_rows=rows,
+                        in_rows=rows)  # fmt: skip
+                for suffix, kind, macs, rows in parts
+            ]
+        return self._stats[node]
+
+    @staticmethod
+    def _count(st: OpStats, rows: int, active: int, dense: bool) -> None:
+        st.frames += 1
+        st.dense_frames += int(dense)
+        st.rows_computed += rows
+        st.active_in += active
+        st.changed_out += rows
+        st.effective_macs += rows * st.macs_per_row
+        st.delta_macs += active * st.macs_per_row
+
+    # -- one step --------------------------------------------------------------------------
+    # ``changes[node]``: None (nothing changed this step), True (everything changed) or a bool
+    # map of the value's shape (rows of tokens for the ops that compute rows).
+    @torch.no_grad()
+    def step(self, frame: torch.Tensor) -> torch.Tensor:
+        from ..layers import TokenDelta
+
+        first = not self.values
+        dense = first or self.backend == "reference"
+        out = None
+        for node in self.nodes:
+            if node.op == "output":
+                out = _lookup(self.values, node.args[0])
+                continue
+            if node.op == "placeholder":
+                # a copy: the caller may refill its frame buffer in place
+                self._set(node, frame.clone(), self.values.get(node), first)
+                continue
+            if node.op == "get_attr":
+                if first:
+                    v = self.gm
+                    for part in str(node.target).split("."):
+                        v = getattr(v, part)
+                    self.values[node] = v
+                self.changes[node] = True if first else None
+                continue
+            m = self.modules[node.target] if node.op == "call_module" else None
+            if isinstance(m, TokenDelta):
+                self._gate(node, m, first)
+                continue
+            if not dense and all(self.changes.get(n) is None for n in node.all_input_nodes):
+                self.changes[node] = None
+                for st in self._stats.get(node, ()):
+                    st.frames += 1  # a frame of this op's dense cost, none of it computed
+                continue
+            if m is not None and is_attention(m):
+                self._attention(node, m, first, dense)
+            elif isinstance(m, nn.Linear):
+                self._linear(node, m, dense)
+            elif m is not None and _patch_conv(m):
+                self._patch(node, m, dense)
+            else:
+                self._generic(node, first)
+        self.frames += 1
+        return out
+
+    def _set(self, node: fx.Node, new, old, first: bool) -> None:
+        self.values[node] = new
+        if first or old is None or not isinstance(new, torch.Tensor):
+            self.changes[node] = True if first else None
+            return
+        ne = new != old
+        self.changes[node] = ne if bool(ne.any()) else None
+
+    def _args(self, node: fx.Node):
+        return _lookup(self.values, node.args), _lookup(self.values, node.kwargs)
+
+    def _generic(self, node: fx.Node, first: bool) -> None:
+        args, kwargs = self._args(node)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(
+            args[0], tuple
+        ):
+            # a component of a tuple-valued op (nn.MultiheadAttention's (out, weights))
+            src = self.changes.get(node.args[0])
+            self.values[node] = args[0][args[1]]
+            self.changes[node] = src[args[1]] if isinstance(src, tuple) else src
+            return
+        if node.op == "call_module":
+            out = self.modules[node.target](*args, **kwargs)
+        elif node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        else:
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        if isinstance(out, torch.Tensor) and _shares_storage(out, [*args, *kwargs.values()]):
+            out = out.clone()  # a view of a state that another op updates in place
+        self._set(node, out, self.values.get(node), first)
+
+    def _rows(self, arg: fx.Node, shape) -> torch.Tensor:
+        """The rows (all dims but the last) of ``arg`` that changed, as a bool map."""
+        chg = self.changes.get(arg)
+        if chg is None:
+            return torch.zeros(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
+        if chg is True:
+            return torch.ones(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
+        return chg.any(-1)
+
+    def _gate(self, node: fx.Node, m, first: bool) -> None:
+        from ..layers.token import token_change
+
+        x = self.values[node.args[0]]
+        if x.dim() < 3:
+            raise ValueError(
+                f"DeltaEngine (tokens): gate '{node.target}' gets shape {tuple(x.shape)}; token "
+                "gates take (N, L, D) tokens"
+            )
+        rows = x.numel() // x.shape[-1]
+        (st,) = self._op_stats(node, [("", "gate", 0, rows)])
+        if first:
+            self.refs[node] = self.values[node] = x.clone()
+            self.changes[node] = True
+            self._count(st, rows, rows, True)
+            return
+        if self.changes.get(node.args[0]) is None and m.policy == "threshold":
+            self.changes[node] = None  # nothing changed: nothing is over the threshold
+            self._count(st, 0, 0, False)
+            return
+        ref = self.refs[node]
+        send = m.send(token_change(x, ref))
+        n = int(send.sum())
+        self._count(st, n, n, False)
+        if n == 0:
+            self.changes[node] = None
+            return
+        ref = torch.where(send.unsqueeze(-1), x, ref)
+        self.refs[node] = self.values[node] = ref
+        self.changes[node] = send.unsqueeze(-1).expand(ref.shape)
+
+    def _linear(self, node: fx.Node, m: nn.Linear, dense: bool) -> None:
+        x = self.values[node.args[0]]
+        n_rows = x.numel() // x.shape[-1]
+        kind = "mlp" if node in self._mlp else "linear"
+        (st,) = self._op_stats(node, [("", kind, m.in_features * m.out_features, n_rows)])
+        if dense:
+            self.values[node] = F.linear(x, m.weight, m.bias)
+            self._count(st, n_rows, n_rows, True)
+            self.changes[node] = True
+            return
+        rows = self._rows(node.args[0], x.shape)
+        active = int(rows.sum())
+        if active > self.crossover * n_rows:
+            self.values[node] = F.linear(x, m.weight, m.bias)
+            self._count(st, n_rows, active, True)
+        else:
+            out = self.values[node]
+            idx = rows.nonzero(as_tuple=True)
+            out[idx] = F.linear(x[idx], m.weight, m.bias)
+            self._count(st, active, active, False)
+        self.changes[node] = rows.unsqueeze(-1).expand(self.values[node].shape)
+
+    def _attention(self, node: fx.Node, m: nn.Module, first: bool, dense: bool) -> None:
+        x = self.values[node.args[0]]
+        if isinstance(m, nn.MultiheadAttention):
+            if not (node.args[1:3] == (node.args[0], node.args[0]) or len(node.args) == 1):
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): '{node.target}' is not self-attention (query, key "
+                    "and value must be the same tokens)"
+                )
+            w, b = m.in_proj_weight, m.in_proj_bias
+            heads, proj = m.num_heads, m.out_proj
+            scale = None
+            qn = kn = None
+        else:
+            w, b = m.qkv.weight, m.qkv.bias
+            heads, proj = m.num_heads, m.proj
+            scale = getattr(m, "scale", None)
+            qn, kn = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
+        if x.dim() != 3:
+            raise ValueError(
+                f"DeltaEngine (tokens): attention '{node.target}' gets shape {tuple(x.shape)}; "
+                "it takes (N, L, D) tokens"
+            )
+        n, length, dim = x.shape
+        sts = self._op_stats(node, [
+            (".qkv", "qkv", w.shape[0] * w.shape[1], n * length),
+            (".qk", "qk", length * dim, n * length),
+            (".av", "av", length * dim, n * length),
+            (".proj", "proj", proj.in_features * proj.out_features, n * length),
+        ])  # fmt: skip
+        rows = self._rows(node.args[0], x.shape)
+        active = n * length if dense else int(rows.sum())
+        if dense or active > self.crossover * n * length:
+            qkv = F.linear(x, w, b)
+            self.qkv[node] = qkv
+            samples = torch.ones(n, dtype=torch.bool, device=x.device) if dense else rows.any(1)
+            self._count(sts[0], n * length, active, True)
+        else:
+            qkv = self.qkv[node]
+            idx = rows.nonzero(as_tuple=True)
+            qkv[idx] = F.linear(x[idx], w, b)
+            samples = rows.any(1)
+            self._count(sts[0], active, active, False)
+        sel = samples.nonzero().squeeze(1)
+        k = int(sel.numel())
+        all_samples = k == n
+        part = qkv if all_samples else qkv[sel]
+        q, kk, v = part.reshape(k, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if qn is not None:
+            q, kk = qn(q), kn(kk)
+        kw = {} if scale is None else {"scale": scale}
+        att = F.scaled_dot_product_attention(q, kk, v, **kw)
+        y = F.linear(att.transpose(1, 2).reshape(k, length, dim), proj.weight, proj.bias)
+        for st in sts[1:]:
+            self._count(st, k * length, k * length, all_samples)
+        if first:
+            self._check_attention(node, m, x, y)
+        mha = isinstance(m, nn.MultiheadAttention)
+        if all_samples:
+            out = y
+        else:
+            out = self.values[node][0] if mha else self.values[node]
+            out[sel] = y
+        chg = True if dense else samples[:, None, None].expand(out.shape)
+        self.values[node] = (out, None) if mha else out
+        self.changes[node] = (chg, None) if mha else chg
+
+    def _check_attention(self, node: fx.Node, m: nn.Module, x: torch.Tensor,
+                         y: torch.Tensor) -> None:  # fmt: skip
+        """On the first frame: the module itself must compute what the engine computes (a mask,
+        rotary embeddings or another variant would otherwise stream wrong results silently)."""
+        args, kwargs = self._args(node)
+        ref = m(*args, **kwargs)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        err = float((ref.float() - y.float()).abs().max())
+        scale = float(ref.float().abs().max()) or 1.0
+        if not err <= 1e-4 * scale:
+            raise UnsupportedOpError(
+                f"DeltaEngine (tokens): attention module '{node.target}' "
+                f"({type(m).__name__}) computes something else than qkv -> softmax attention -> "
+                f"proj (max difference {err:.3g}); masks, rotary embeddings or other variants "
+                "have no token kernel"
+            )
+
+    def _patch(self, node: fx.Node, m: nn.Conv2d, dense: bool) -> None:
+        x = self.values[node.args[0]]
+        p, pw = m.kernel_size
+        n, c, h, w = x.shape
+        gh, gw = h // p, w // pw
+        macs = c * p * pw * m.out_channels
+        (st,) = self._op_stats(node, [("", "patch_embed", macs, n * gh * gw)])
+        chg = self.changes.get(node.args[0])
+        if dense or chg is True:
+            self.values[node] = m(x)
+            self._count(st, n * gh * gw, n * gh * gw, True)
+            self.changes[node] = True
+            return
+        crop = chg[:, :, : gh * p, : gw * pw]
+        rows = crop.reshape(n, c, gh, p, gw, pw).any(5).any(3).any(1)  # (N, gh, gw)
+        active = int(rows.sum())
+        out = self.values[node]
+        if active > self.crossover * n * gh * gw:
+            self.values[node] = m(x)
+            self._count(st, n * gh * gw, active, True)
+        else:
+            idx = rows.nonzero(as_tuple=True)
+            patches = x[:, :, : gh * p, : gw * pw].reshape(n, c, gh, p, gw, pw)
+            patches = patches.permute(0, 2, 4, 1, 3, 5)[idx].reshape(active, -1)
+            y = F.linear(patches, m.weight.reshape(m.out_channels, -1), m.bias)
+            out[idx[0], :, idx[1], idx[2]] = y
+            self._count(st, active, active, False)
+        self.changes[node] = rows.unsqueeze(1).expand(self.values[node].shape)
+
+    # -- checks and stats ----------------------------------------------------------------------
+    @torch.no_grad()
+    def replay(self) -> torch.Tensor:
+        """The model's output for the current frame with every token gate held at its current
+        reference, computed by the model's own modules (the dense pass of the gated network).
+        The engine's last output equals it (to float rounding) on every frame."""
+        from ..layers import TokenDelta
+
+        if not self.values:
+            raise RuntimeError("TokenRuntime.replay(): no frame streamed since reset()")
+        env: dict[fx.Node, object] = {}
+        out = None
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = self.values[node]
+            elif node.op == "get_attr":
+                env[node] = self.values[node]
+            elif node.op == "output":
+                out = _lookup(env, node.args[0])
+            elif node.op == "call_module" and isinstance(self.modules[node.target], TokenDelta):
+                env[node] = self.refs[node]
+            else:
+                args, kwargs = _lookup(env, node.args), _lookup(env, node.kwargs)
+                if node.op == "call_module":
+                    env[node] = self.modules[node.target](*args, **kwargs)
+                elif node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                else:
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        return out
+
+    def op_stats(self) -> list[OpStats]:
+        return [s for node in self.nodes for s in self._stats.get(node, [])]
+
+    def state_bytes(self) -> int:
+        seen, total = set(), 0
+        for v in list(self.values.values()) + list(self.refs.values()) + list(self.qkv.values()):
+            for t in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+    def engine_stats(self, *, backend: str, fallbacks: list[str]) -> EngineStats:
+        ops = self.op_stats()
+        return EngineStats.from_ops(ops, frames=self.frames, state_bytes=self.state_bytes(),
+                                    table_bytes=0, dense_activation_bytes=0, backend=backend,
+                                    fallbacks=list(fallbacks))  # fmt: skip
+
+
+def token_op_summary(ops: list[OpStats], frames: int) -> dict[str, dict]:
+    """Executed and dense MACs per frame by op kind (qkv, qk, av, proj, mlp, ...)."""
+    out: dict[str, dict] = {}
+    for o in ops:
+        if o.kind == "gate":
+            continue
+        d = out.setdefault(o.kind, {"executed": 0, "dense": 0})
+        d["executed"] += o.effective_macs
+        d["dense"] += o.dense_macs_per_frame * o.frames
+    f = max(frames, 1)
+    return {k: {"executed_macs_per_frame": v["executed"] / f,
+                "dense_macs_per_frame": v["dense"] / f,
+                "executed_fraction": v["executed"] / v["dense"] if v["dense"] else None}
+            for k, v in out.items()}  # fmt: skip
+
