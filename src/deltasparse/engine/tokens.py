@@ -44,6 +44,18 @@ _MAC_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.scaled_dot_product_attention, 
                   torch.bmm, torch.einsum, operator.matmul, torch.mm, torch.addmm}  # fmt: skip
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 CROSSOVER = 0.6  # above this fraction of changed rows a linear runs dense (one full GEMM)
+_ALIASES = (nn.Identity, nn.Dropout)  # in eval mode: the input itself
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
+                nn.Sigmoid, nn.LeakyReLU, nn.Mish)  # fmt: skip
+_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+
+
+def _tokenwise(m: nn.Module | None) -> bool:
+    """Whether the module maps each row of the last dim on its own (not for NCHW maps: the
+    rows of a token tensor are its tokens)."""
+    if isinstance(m, _ACTIVATIONS):
+        return True
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
 def has_tokens(model: nn.Module) -> bool:
@@ -249,6 +261,13 @@ class TokenRuntime:
                 self._linear(node, m, dense)
             elif m is not None and _patch_conv(m):
                 self._patch(node, m, dense)
+            elif isinstance(m, _ALIASES):  # identity, dropout in eval: the input itself
+                self.values[node] = self.values[node.args[0]]
+                self.changes[node] = self.changes[node.args[0]]
+            elif _tokenwise(m) and self._rowwise(node, m, dense):
+                pass
+            elif node.op == "call_function" and node.target in _BINARY and self._binary(node):
+                pass
             else:
                 self._generic(node, first)
         self.frames += 1
@@ -292,7 +311,53 @@ class TokenRuntime:
             return torch.zeros(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
         if chg is True:
             return torch.ones(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
-        return chg.any(-1)
+        return chg if chg.dim() == len(shape) - 1 else chg.any(-1)
+
+    def _rowwise(self, node: fx.Node, m: nn.Module, dense: bool) -> bool:
+        """A token-wise module (activation, LayerNorm over the features) on the changed rows
+        only; False when the node does not take one (N, ..., D) tensor."""
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return False
+        x = self.values[node.args[0]]
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return False
+        if dense:
+            self.values[node] = m(x)
+            self.changes[node] = True
+            return True
+        rows = self._rows(node.args[0], x.shape)
+        if int(rows.sum()) > self.crossover * rows.numel():
+            self.values[node] = m(x)
+        else:
+            idx = rows.nonzero(as_tuple=True)
+            self.values[node][idx] = m(x[idx])
+        self.changes[node] = rows
+        return True
+
+    def _binary(self, node: fx.Node) -> bool:
+        """An elementwise op of token tensors (a residual add): computed whole (it is cheap),
+        changed in the union of its inputs' changed rows; False where the shapes are not
+        (N, ..., D) tensors with the features last."""
+        args, kwargs = self._args(node)
+        out = node.target(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.dim() < 2 or kwargs:
+            return False
+        rows = torch.zeros(out.shape[:-1], dtype=torch.bool, device=out.device)
+        for a, v in zip(node.args, args, strict=True):
+            if not isinstance(a, fx.Node):
+                continue
+            if not isinstance(v, torch.Tensor) or v.dim() != out.dim() or (
+                    v.shape[-1] not in (1, out.shape[-1])):  # fmt: skip
+                return False
+            chg = self.changes.get(a)
+            if chg is None:
+                continue
+            if chg is True or v.shape[-1] == 1:
+                return False  # (first frames are dense; a broadcast over features is not rows)
+            rows |= self._rows(a, v.shape).expand(out.shape[:-1])
+        self.values[node] = out
+        self.changes[node] = rows if bool(rows.any()) else None
+        return True
 
     def _gate(self, node: fx.Node, m, first: bool) -> None:
         from ..layers.token import token_change
@@ -323,7 +388,7 @@ class TokenRuntime:
             return
         ref = torch.where(send.unsqueeze(-1), x, ref)
         self.refs[node] = self.values[node] = ref
-        self.changes[node] = send.unsqueeze(-1).expand(ref.shape)
+        self.changes[node] = send
 
     def _linear(self, node: fx.Node, m: nn.Linear, dense: bool) -> None:
         x = self.values[node.args[0]]
@@ -409,7 +474,7 @@ class TokenRuntime:
         else:
             out = self.values[node][0] if mha else self.values[node]
             out[sel] = y
-        chg = True if dense else samples[:, None, None].expand(out.shape)
+        chg = True if dense else samples[:, None].expand(out.shape[:-1])
         self.values[node] = (out, None) if mha else out
         self.changes[node] = (chg, None) if mha else chg
 
@@ -443,6 +508,8 @@ class TokenRuntime:
             self._count(st, n * gh * gw, n * gh * gw, True)
             self.changes[node] = True
             return
+        if chg.dim() == x.dim() - 1:  # rows of the last dim (a token-wise op ran on it)
+            chg = chg.unsqueeze(-1).expand(x.shape)
         crop = chg[:, :, : gh * p, : gw * pw]
         rows = crop.reshape(n, c, gh, p, gw, pw).any(5).any(3).any(1)  # (N, gh, gw)
         active = int(rows.sum())
