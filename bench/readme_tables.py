@@ -162,9 +162,23 @@ def train_overhead() -> str:
         f"{d['repeats']} interleaved steps."
 
 
+def token_engine() -> str:
+    name = "token_engine.json"
+    d = _load(name)
+    head = ["input", "tokens", "streams", "budget", "executed", "dense ms/step", "engine ms/step",
+            "speedup", "ideal", "achieved / ideal"]
+    rows = [[f"{r['resolution']}²", str(r["tokens"]), str(r["streams"]),
+             _pct(r["budget_fraction"], 0), _pct(r["executed_density"]),
+             _ms(r["dense_ms_per_frame"], 1), _ms(r["delta_ms_per_frame"], 1),
+             _x(r["achieved_speedup"]), _x(r["ideal_speedup"]), f"{r['ratio']:.2f}"]
+            for r in d["rows"]]  # fmt: skip
+    return _table(head, rows) + "\n\n" + _source(d, name) + \
+        f" {d['rows'][0]['threads']} threads, {d['machine']['cpu']}."
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
-    "engine_gpu": engine_gpu, "train_overhead": train_overhead,
+    "engine_gpu": engine_gpu, "train_overhead": train_overhead, "token_engine": token_engine,
 }  # fmt: skip
 
 

@@ -93,3 +93,36 @@ def test_acceptance_checks_fail_on_missing_figures():
     assert not missing["|predicted - executed| / executed <= 0.05"]
     assert not missing["calibrated run present"]
     assert not _verdict(_runs(0.01, None))["acceptance"]["checks"]["calibrated run present"]
+
+
+@pytest.mark.slow
+def test_vit_demo_quick_trains_token_gates_and_streams_them(tmp_path):
+    """The transformer recipe: baseline -> delta with token gates, the delta model's held-out
+    videos through the token engine; what measure() counted is what the engine executed."""
+    out = tmp_path / "vit"
+    assert main(["demo", "--quick", "--model", "vit_tiny", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "vit_tiny" and set(summary["runs"]) == {"baseline", "delta"}
+    ev = json.loads((out / "delta" / "eval.json").read_text())
+    assert {r["kind"] for r in ev["sparsity"]["layers"]} == {"token"}
+    assert summary["runs"]["delta"]["op_fraction"] == pytest.approx(_op_fraction(ev), rel=1e-9)
+    ops = ev["sparsity"]["executed"]["ops"]
+    assert {"qkv", "qk", "av", "proj", "mlp", "patch_embed"} <= set(ops)
+    e = summary["runs"]["delta"]["engine"]
+    assert 0 < e["executed_density"] < 1 and e["prediction_error"] <= 0.05
+    assert e["agreement"] >= 0.95
+    v = summary["delta_vs_baseline"]
+    assert v["executed_reduction"] == pytest.approx(1 / e["executed_density"])
+    checks = summary["acceptance"]["checks"]
+    assert summary["acceptance"]["all"] == all(checks.values())
+    assert (out / "report" / "report.html").is_file()
+
+
+def test_demo_refuses_a_model_without_a_recipe(capsys):
+    with pytest.raises(SystemExit):  # argparse: the choices are the recipes
+        main(["demo", "--quick", "--model", "mobilenet_v1", "--out", "x"])
+    assert "vit_tiny" in capsys.readouterr().err
+    from deltasparse.demo import run_demo
+
+    with pytest.raises(ValueError, match="transformer recipe"):
+        run_demo("x", quick=True, model="mobilenet_v1")

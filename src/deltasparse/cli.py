@@ -218,7 +218,8 @@ def _cmd_report(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, device=args.device)
+    summary = run_demo(Path(args.out), quick=args.quick, seed=args.seed, device=args.device,
+                       model=args.model)  # fmt: skip
     return 0 if summary else 1
 
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a tiny run (about 2 minutes, for CI)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--model", default=None, choices=["dsconvnet", "vit_tiny"],
+                   help="the CNN recipe (dsconvnet, default: baseline → l1 → delta, calibration) "
+                   "or the transformer recipe (vit_tiny: baseline → delta with token gates)")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("train", help="train one phase of the recipe")

@@ -409,3 +409,24 @@ def test_measure_predicts_the_cuda_graph_step(area):
     report = ds.measure(ds.VideoModel(gm).eval(), [clips], engine="triton")
     assert report.executed_error is None
     assert report.executed_fraction == pytest.approx(executed, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_engine_on_cuda_equals_the_dense_streaming_model(dtype):
+    """The token runtime on CUDA: every frame within 1e-4 (float32; bf16: its rounding) of the
+    dense streaming model of the gated ViT, the same top-1, and work skipped."""
+    from deltasparse.data.streams import synthetic_stream
+
+    torch.manual_seed(0)
+    vit = ds.models.create("vit_tiny", num_classes=5, img_size=64, depth=4)
+    gm = ds.convert(vit, ds.DeltaConfig(kind="token", threshold_init=0.05)).eval()
+    gm = gm.to("cuda", dtype)
+    eng = DeltaEngine(gm)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.no_grad(), ds.streaming(gm):
+        for t, f in enumerate(synthetic_stream(20, (4, 3, 64, 64), noise=0.01, seed=1)):
+            f = f.to("cuda", dtype)
+            want, got = gm(f).float(), eng.step(f).float()
+            assert float((want - got).abs().max()) <= tol * float(want.abs().max()), t
+            assert torch.equal(want.argmax(1), got.argmax(1)), t
+    assert eng.stats.density < 1

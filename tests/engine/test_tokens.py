@@ -221,3 +221,19 @@ def test_what_the_token_engine_cannot_run_is_a_clear_error():
         eng.step(_footage(1)[0])
     with pytest.raises(ValueError, match="backend 'torch'"):
         ds.DeltaEngine(_gated(_vit()), backend="cpp")
+
+
+def test_bfloat16_token_engine_follows_the_bfloat16_model():
+    """Half precision: state in the model's dtype; every frame close to the bf16 dense
+    streaming model (bf16 rounding, not a drift), the same top-1, and the engine's own replay
+    equal to its output."""
+    gm = _gated(_vit(5)).to(torch.bfloat16)
+    eng = ds.DeltaEngine(gm)
+    with torch.no_grad(), ds.streaming(gm):
+        for f in _footage(15, seed=11):
+            f = f.to(torch.bfloat16)
+            want, got = gm(f).float(), eng.step(f).float()
+            assert float((want - got).abs().max()) <= 3e-2 * float(want.abs().max())
+            r = eng.tokens.replay().float()
+            assert float((got - r).abs().max()) <= 3e-2 * float(r.abs().max())
+    assert eng.stats.density < 1

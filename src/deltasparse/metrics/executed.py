@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import fx, nn
 
-__all__ = ["ExecutedCounter", "TokenExecutedCounter"]
+__all__ = ["ExecutedCounter", "TokenExecutedCounter", "executed_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,14 @@ class TokenExecutedCounter(ExecutedCounter):
         self._accumulate([(o.name, o.kind) for o in ops], zero, after_first, _snapshot(ops),
                          rt.backend, b, t)  # fmt: skip
         return y
+
+
+def executed_counter(frame_model: nn.Module, *, backend: str = "auto",
+                     crossover: dict[str, float] | None = None) -> ExecutedCounter:
+    """The counter of the engine that runs ``frame_model``: the token runtime's for models with
+    token gates, the CNN engine's rules otherwise."""
+    from ..layers import TokenDelta
+
+    tokens = any(isinstance(m, TokenDelta) for m in frame_model.modules())
+    kind = TokenExecutedCounter if tokens else ExecutedCounter
+    return kind(frame_model, backend=backend, crossover=crossover)

@@ -25,7 +25,7 @@ from ..layers import (
     clip_context,
     sparsity_layers,
 )
-from .executed import ExecutedCounter, TokenExecutedCounter
+from .executed import executed_counter
 from .macs import consumer_macs
 from .report import LayerReport, SparsityReport
 
@@ -173,11 +173,7 @@ def measure(
         macs(acc, name, binary)
 
     runner = VideoModel(frame_model, video.average) if (video is not None and probed) else video
-    counter = None
-    if engine:
-        tokens = any(isinstance(m, TokenDelta) for m in layers.values())
-        kind = TokenExecutedCounter if tokens else ExecutedCounter
-        counter = kind(frame_model, backend=engine, crossover=crossover)
+    counter = executed_counter(frame_model, backend=engine, crossover=crossover) if engine else None
     was_training = model.training
     model.eval()
     frame_model.eval()
