@@ -26,6 +26,7 @@ test holds the two equal over 1,000 frames), and the MACs counted are those exec
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -103,12 +104,50 @@ def _shares_storage(out: torch.Tensor, ins) -> bool:
                for t in ins)  # fmt: skip
 
 
-class _Op:
-    """One node's computation; ``stats`` lists what it counts (empty for MAC-free ops)."""
+class Rows:
+    """Which rows (tokens: every index but the last dim's) of a value changed on this step.
 
-    def __init__(self, node: fx.Node) -> None:
-        self.node = node
-        self.stats: list[OpStats] = []
+    ``mask`` is a bool map of the value's shape without its last dim, or ``None`` for every
+    row; the flat indices and the count are computed once and shared by the ops that pass the
+    same rows on (a gate's sent tokens through ``fc1``, the activation and ``fc2``)."""
+
+    __slots__ = ("_count", "_idx", "mask", "numel", "shape")
+
+    def __init__(self, mask: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        self.mask, self.shape = mask, tuple(shape)
+        self.numel = math.prod(self.shape)
+        self._idx = self._count = None
+
+    @property
+    def all(self) -> bool:
+        return self.mask is None
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """Flat indices of the changed rows (int64)."""
+        if self._idx is None:
+            self._idx = self.mask.reshape(-1).nonzero().squeeze(1)
+        return self._idx
+
+    @property
+    def count(self) -> int:
+        if self._count is None:
+            self._count = self.numel if self.mask is None else int(self.idx.numel())
+        return self._count
+
+    def bool_mask(self, device) -> torch.Tensor:
+        if self.mask is None:
+            return torch.ones(self.shape, dtype=torch.bool, device=device)
+        return self.mask
+
+
+def _update_rows(out: torch.Tensor, rows: Rows, y: torch.Tensor) -> None:
+    """``out``'s changed rows (flat over every dim but the last) := ``y``, in place."""
+    out.view(-1, out.shape[-1]).index_copy_(0, rows.idx, y)
+
+
+def _take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.idx)
 
 
 class TokenRuntime:
@@ -304,14 +343,18 @@ class TokenRuntime:
             out = out.clone()  # a view of a state that another op updates in place
         self._set(node, out, self.values.get(node), first)
 
-    def _rows(self, arg: fx.Node, shape) -> torch.Tensor:
-        """The rows (all dims but the last) of ``arg`` that changed, as a bool map."""
+    def _rows(self, arg: fx.Node, shape) -> Rows:
+        """The rows (every index but the last dim's) of ``arg`` that changed."""
         chg = self.changes.get(arg)
-        if chg is None:
-            return torch.zeros(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
+        prefix = tuple(shape[:-1])
         if chg is True:
-            return torch.ones(shape[:-1], dtype=torch.bool, device=self.values[arg].device)
-        return chg if chg.dim() == len(shape) - 1 else chg.any(-1)
+            return Rows(None, prefix)
+        if isinstance(chg, Rows):
+            return chg
+        if chg is None:
+            return Rows(torch.zeros(prefix, dtype=torch.bool, device=self.values[arg].device),
+                        prefix)  # fmt: skip
+        return Rows(chg.any(-1), prefix)  # a full map of changed entries
 
     def _rowwise(self, node: fx.Node, m: nn.Module, dense: bool) -> bool:
         """A token-wise module (activation, LayerNorm over the features) on the changed rows
@@ -326,11 +369,10 @@ class TokenRuntime:
             self.changes[node] = True
             return True
         rows = self._rows(node.args[0], x.shape)
-        if int(rows.sum()) > self.crossover * rows.numel():
+        if rows.all or rows.count > self.crossover * rows.numel:
             self.values[node] = m(x)
-        else:
-            idx = rows.nonzero(as_tuple=True)
-            self.values[node][idx] = m(x[idx])
+        elif rows.count:
+            _update_rows(self.values[node], rows, m(_take_rows(x, rows)))
         self.changes[node] = rows
         return True
 
@@ -342,7 +384,8 @@ class TokenRuntime:
         out = node.target(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or out.dim() < 2 or kwargs:
             return False
-        rows = torch.zeros(out.shape[:-1], dtype=torch.bool, device=out.device)
+        prefix = tuple(out.shape[:-1])
+        parts: list[Rows] = []
         for a, v in zip(node.args, args, strict=True):
             if not isinstance(a, fx.Node):
                 continue
@@ -354,9 +397,17 @@ class TokenRuntime:
                 continue
             if chg is True or v.shape[-1] == 1:
                 return False  # (first frames are dense; a broadcast over features is not rows)
-            rows |= self._rows(a, v.shape).expand(out.shape[:-1])
+            parts.append(self._rows(a, v.shape))
         self.values[node] = out
-        self.changes[node] = rows if bool(rows.any()) else None
+        if any(r.all and r.shape == prefix for r in parts):
+            self.changes[node] = Rows(None, prefix)
+        elif len(parts) == 1 and parts[0].shape == prefix:
+            self.changes[node] = parts[0]
+        else:
+            mask = torch.zeros(prefix, dtype=torch.bool, device=out.device)
+            for r in parts:
+                mask |= r.bool_mask(out.device).expand(prefix)
+            self.changes[node] = Rows(mask, prefix) if bool(mask.any()) else None
         return True
 
     def _gate(self, node: fx.Node, m, first: bool) -> None:
@@ -381,14 +432,15 @@ class TokenRuntime:
             return
         ref = self.refs[node]
         send = m.send(token_change(x, ref))
-        n = int(send.sum())
-        self._count(st, n, n, False)
-        if n == 0:
+        sent = Rows(send, send.shape)
+        self._count(st, sent.count, sent.count, False)
+        if sent.count == 0:
             self.changes[node] = None
             return
-        ref = torch.where(send.unsqueeze(-1), x, ref)
+        ref = ref.clone()  # the old reference stays valid for anyone holding it
+        _update_rows(ref, sent, _take_rows(x, sent))
         self.refs[node] = self.values[node] = ref
-        self.changes[node] = send
+        self.changes[node] = sent
 
     def _linear(self, node: fx.Node, m: nn.Linear, dense: bool) -> None:
         x = self.values[node.args[0]]
@@ -401,16 +453,16 @@ class TokenRuntime:
             self.changes[node] = True
             return
         rows = self._rows(node.args[0], x.shape)
-        active = int(rows.sum())
-        if active > self.crossover * n_rows:
+        active = rows.count
+        if rows.all or active > self.crossover * n_rows:
             self.values[node] = F.linear(x, m.weight, m.bias)
             self._count(st, n_rows, active, True)
         else:
-            out = self.values[node]
-            idx = rows.nonzero(as_tuple=True)
-            out[idx] = F.linear(x[idx], m.weight, m.bias)
+            if active:
+                _update_rows(self.values[node], rows, F.linear(_take_rows(x, rows), m.weight,
+                                                               m.bias))  # fmt: skip
             self._count(st, active, active, False)
-        self.changes[node] = rows.unsqueeze(-1).expand(self.values[node].shape)
+        self.changes[node] = rows
 
     def _attention(self, node: fx.Node, m: nn.Module, first: bool, dense: bool) -> None:
         x = self.values[node.args[0]]
@@ -441,21 +493,23 @@ class TokenRuntime:
             (".av", "av", length * dim, n * length),
             (".proj", "proj", proj.in_features * proj.out_features, n * length),
         ])  # fmt: skip
-        rows = self._rows(node.args[0], x.shape)
-        active = n * length if dense else int(rows.sum())
-        if dense or active > self.crossover * n * length:
+        rows = Rows(None, (n, length)) if dense else self._rows(node.args[0], x.shape)
+        active = rows.count
+        if rows.all or active > self.crossover * n * length:
             qkv = F.linear(x, w, b)
             self.qkv[node] = qkv
-            samples = torch.ones(n, dtype=torch.bool, device=x.device) if dense else rows.any(1)
             self._count(sts[0], n * length, active, True)
         else:
             qkv = self.qkv[node]
-            idx = rows.nonzero(as_tuple=True)
-            qkv[idx] = F.linear(x[idx], w, b)
-            samples = rows.any(1)
+            if active:
+                _update_rows(qkv, rows, F.linear(_take_rows(x, rows), w, b))
             self._count(sts[0], active, active, False)
-        sel = samples.nonzero().squeeze(1)
-        k = int(sel.numel())
+        if rows.all:
+            samples, sel, k = None, None, n
+        else:
+            samples = rows.mask.any(1)
+            sel = samples.nonzero().squeeze(1)
+            k = int(sel.numel())
         all_samples = k == n
         part = qkv if all_samples else qkv[sel]
         q, kk, v = part.reshape(k, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -474,7 +528,12 @@ class TokenRuntime:
         else:
             out = self.values[node][0] if mha else self.values[node]
             out[sel] = y
-        chg = True if dense else samples[:, None].expand(out.shape[:-1])
+        if dense:
+            chg = True
+        elif all_samples:
+            chg = Rows(None, (n, length))
+        else:
+            chg = Rows(samples[:, None].expand(n, length), (n, length))
         self.values[node] = (out, None) if mha else out
         self.changes[node] = (chg, None) if mha else chg
 
@@ -509,8 +568,8 @@ class TokenRuntime:
             self._count(st, n * gh * gw, n * gh * gw, True)
             self.changes[node] = True
             return
-        if chg.dim() == x.dim() - 1:  # rows of the last dim (a token-wise op ran on it)
-            chg = chg.unsqueeze(-1).expand(x.shape)
+        if isinstance(chg, Rows):  # rows of the last dim (a token-wise op ran on it)
+            chg = chg.bool_mask(x.device).unsqueeze(-1).expand(x.shape)
         crop = chg[:, :, : gh * p, : gw * pw]
         rows = crop.reshape(n, c, gh, p, gw, pw).any(5).any(3).any(1)  # (N, gh, gw)
         active = int(rows.sum())
