@@ -81,10 +81,12 @@ def is_attention(m: nn.Module) -> bool:
 
 
 class Tracer(fx.Tracer):
-    """fx tracer that keeps the inserted sparsity layers and attention modules as leaves."""
+    """fx tracer that keeps the inserted sparsity layers, attention modules and LayerNorms
+    (timm's subclass included, whose own forward fx would otherwise trace into
+    ``F.layer_norm``) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, SparsityLayer) or is_attention(m)
+        return (isinstance(m, (SparsityLayer, nn.LayerNorm)) or is_attention(m)
                 or super().is_leaf_module(m, qualname))  # fmt: skip
 
 

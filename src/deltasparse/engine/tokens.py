@@ -172,6 +172,14 @@ class TokenRuntime:
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         self._mlp = self._mlp_linears()
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        extra = [n.name for n in inputs[1:] if not n.args]
+        if not inputs or extra:
+            raise UnsupportedOpError(
+                f"DeltaEngine (tokens): the model takes {len(inputs)} inputs without defaults "
+                f"(extra: {extra}); the engine streams one frame tensor per step"
+            )
+        self._input = inputs[0]
         for node in self.nodes:
             if node.op == "call_function" and node.target in _MAC_FUNCTIONS:
                 raise UnsupportedOpError(
@@ -274,6 +282,10 @@ class TokenRuntime:
                 out = _lookup(self.values, node.args[0])
                 continue
             if node.op == "placeholder":
+                if node is not self._input:  # e.g. timm's attn_mask=None: its default
+                    self.values[node] = node.args[0]
+                    self.changes[node] = True if first else None
+                    continue
                 # a copy: the caller may refill its frame buffer in place
                 self._set(node, frame.clone(), self.values.get(node), first)
                 continue
