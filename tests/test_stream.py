@@ -173,3 +173,15 @@ def test_stream_errors(tmp_path):
         run_stream(bad, model=m, verify_every=-1)
     with pytest.raises(ValueError, match="rtol must be > 0"):
         run_stream(bad, model=m, rtol=0)
+
+
+def test_stream_a_token_gated_vit_verifies_against_the_streaming_dense_model(video):
+    """Token gates keep the last value sent: the dense reference streams too (every frame),
+    and the engine equals it; the memory figure is relative to one frame's activations."""
+    torch.manual_seed(0)
+    vit = ds.models.create("vit_tiny", num_classes=4, img_size=32, depth=2)
+    gm = ds.convert(vit, ds.DeltaConfig(kind="token", threshold_init=0.05)).eval()
+    res = run_stream(video, model=gm, size=(32, 32), verify_every=3, max_frames=12)
+    assert res["verify"]["passed"] and res["verify"]["max_rel_err"] <= 1e-5
+    assert res["stats"]["density"] < 1
+    assert 1.0 <= res["stats"]["memory_ratio"] < 5.0

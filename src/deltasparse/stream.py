@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .engine import DeltaEngine
-from .layers import streaming
+from .layers import is_stateful, streaming
 
 __all__ = ["StreamVerificationError", "engine_fps", "iter_video", "run_stream", "to_tensor",
            "verify_message", "verify_summary"]
@@ -209,7 +209,7 @@ def run_stream(
     engine = DeltaEngine(model, backend=backend)
     # Hysteresis layers depend on the stream: the dense reference then streams too (every
     # frame, its layers keeping their references), and is compared every N-th frame.
-    stateful = any(getattr(m, "mode", "grid") == "hysteresis" for m in dense.modules())
+    stateful = is_stateful(dense)
     with streaming(dense) if verify_every and stateful else nullcontext():
         return _run(video, checkpoint, model, dense, engine, device=device, size=size,
                     max_frames=max_frames, verify_every=verify_every, rtol=rtol,

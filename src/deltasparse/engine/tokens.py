@@ -636,16 +636,26 @@ class TokenRuntime:
         seen, total = set(), 0
         for v in list(self.values.values()) + list(self.refs.values()) + list(self.qkv.values()):
             for t in (v if isinstance(v, tuple) else (v,)):
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                if (isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
+                        and id(t) not in seen):  # fmt: skip
                     seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+    def activation_bytes(self) -> int:
+        """One frame's activations (every node's value, as a dense pass holds them)."""
+        total = 0
+        for v in self.values.values():
+            for t in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                     total += t.numel() * t.element_size()
         return total
 
     def engine_stats(self, *, backend: str, fallbacks: list[str]) -> EngineStats:
         ops = self.op_stats()
         return EngineStats.from_ops(ops, frames=self.frames, state_bytes=self.state_bytes(),
-                                    table_bytes=0, dense_activation_bytes=0, backend=backend,
-                                    fallbacks=list(fallbacks))  # fmt: skip
+                                    table_bytes=0, dense_activation_bytes=self.activation_bytes(),
+                                    backend=backend, fallbacks=list(fallbacks))  # fmt: skip
 
 
 def token_op_summary(ops: list[OpStats], frames: int) -> dict[str, dict]:

@@ -1,7 +1,14 @@
 """Training-time layers: the Delta Activation Layer, the L1 baseline and time handling."""
 
 from ._base import LayerStats, SparsityLayer
-from .delta import DeltaActivation, hysteresis_step, quantize, reset_state, streaming
+from .delta import (
+    DeltaActivation,
+    hysteresis_step,
+    is_stateful,
+    quantize,
+    reset_state,
+    streaming,
+)
 from .l1 import ActivationL1
 from .token import TokenDelta
 from .video import VideoModel, clip_context, sparsity_layers
@@ -15,6 +22,7 @@ __all__ = [
     "VideoModel",
     "clip_context",
     "hysteresis_step",
+    "is_stateful",
     "quantize",
     "reset_state",
     "sparsity_layers",

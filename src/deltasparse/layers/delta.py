@@ -57,7 +57,8 @@ from torch import nn
 from ._base import LayerStats, SparsityLayer, count_nonzero
 from .token import TokenDelta
 
-__all__ = ["DeltaActivation", "hysteresis_step", "quantize", "reset_state", "streaming"]
+__all__ = ["DeltaActivation", "hysteresis_step", "is_stateful", "quantize", "reset_state",
+           "streaming"]  # fmt: skip
 
 GRANULARITIES = ("layer", "channel", "neuron")
 ACTIVATIONS = (None, "relu", "relu6")
@@ -490,6 +491,15 @@ class DeltaActivation(SparsityLayer):
 
 
 _STATEFUL = (DeltaActivation, TokenDelta)
+
+
+def is_stateful(model: nn.Module) -> bool:
+    """Whether ``model``'s output on a frame depends on the frames before it: hysteresis
+    layers and token gates keep the last value sent (then compare it streaming, under
+    :func:`streaming`); grid layers do not."""
+    return any(isinstance(m, TokenDelta) or (isinstance(m, DeltaActivation)
+                                             and m.mode == "hysteresis")
+               for m in model.modules())  # fmt: skip
 
 
 def reset_state(model: nn.Module) -> None:
