@@ -107,7 +107,8 @@ ARCHS = {"tiny": {}, "base": {"embed_dim": 768, "num_heads": 12, "depth": 12}}
 
 
 def run(resolution: int, batch: int, threads: int, fractions, frames: int, seed: int, *,
-        device: str = "cpu", arch: str = "tiny", dtypes=("float32",)) -> list:  # fmt: skip
+        device: str = "cpu", arch: str = "tiny", dtypes=("float32",),
+        scores_cap: int = 0) -> list:  # fmt: skip
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -127,6 +128,7 @@ def run(resolution: int, batch: int, threads: int, fractions, frames: int, seed:
         for f in fractions:
             cfg = ds.DeltaConfig(kind="token", policy="fraction", fraction=f)
             engines[f] = ds.DeltaEngine(ds.convert(dense, cfg).eval())
+            engines[f].tokens.scores_cap = scores_cap
         times: dict = {k: [] for k in (*baselines, *fractions)}
         density = {}
         for fn in baselines.values():
@@ -151,7 +153,7 @@ def run(resolution: int, batch: int, threads: int, fractions, frames: int, seed:
                 "tokens": (resolution // 16) ** 2, "streams": batch, "threads": threads,
                 "device": str(dev), "dtype": dname, "budget_fraction": f,
                 "executed_density": density[f], "dense_ms_per_frame": dense_ms,
-                "dense_baseline": best,
+                "dense_baseline": best, "incremental_attention": bool(scores_cap),
                 "dense_ms_by_baseline": {k: med[k] for k in baselines},
                 "delta_ms_per_frame": ms, "achieved_speedup": achieved, "ideal_speedup": ideal,
                 "ratio": achieved / ideal, "ops": eng_ops(engines[f]),
@@ -184,6 +186,9 @@ def main() -> None:
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHS))
     p.add_argument("--dtypes", nargs="+", default=["float32"],
                    choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--incremental-attention", action="store_true",
+                   help="keep QK^T and update it for the changed tokens (default: recompute "
+                   "attention with SDPA)")
     args = p.parse_args()
     t0 = time.perf_counter()
     load_start = os.getloadavg()
@@ -192,7 +197,8 @@ def main() -> None:
         for b in args.streams:
             for t in args.threads:
                 rows += run(res, b, t, args.fractions, args.frames, args.seed,
-                            device=args.device, arch=args.arch, dtypes=args.dtypes)
+                            device=args.device, arch=args.arch, dtypes=args.dtypes,
+                            scores_cap=(1 << 30) if args.incremental_attention else 0)
     result = {
         "command": " ".join(["python", *sys.argv]),
         "torch": torch.__version__,

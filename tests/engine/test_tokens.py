@@ -237,3 +237,24 @@ def test_bfloat16_token_engine_follows_the_bfloat16_model():
             r = eng.tokens.replay().float()
             assert float((got - r).abs().max()) <= 3e-2 * float(r.abs().max())
     assert eng.stats.density < 1
+
+
+def test_incremental_attention_scores_are_exact_and_counted():
+    """Few tokens sent: QK^T is updated in the changed queries' rows and the changed keys'
+    columns only (stored scores), softmax and AV for every query; every frame equals the dense
+    streaming model, and the qk MACs counted are those rows and columns."""
+    gm = _gated(_vit(6), policy="topk", k=2)
+    eng = ds.DeltaEngine(gm)
+    eng.tokens.scores_cap = 1 << 30
+    with torch.no_grad(), ds.streaming(gm):
+        for t, f in enumerate(_footage(12, seed=13)):
+            want, got = gm(f), eng.step(f)
+            assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max()), t
+    ops = {o["name"]: o for o in eng.stats.layers}
+    qk, av = ops["blocks.0.attn.qk"], ops["blocks.0.attn.av"]
+    # 16 tokens, at most 2 sent per sample (the union over the 2 streams: <= 4 columns)
+    frames = 12
+    steady = qk["effective_macs"] - qk["dense_macs"] / frames  # after the dense first frame
+    assert 0 < steady <= (frames - 1) * 2 * 2 * 4 * 16 * 32  # samples x 2 x cols x L x D
+    assert av["effective_macs"] == av["dense_macs"]  # AV: every query, every frame
+    assert eng.tokens.scores  # the scores were kept

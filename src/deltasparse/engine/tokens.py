@@ -45,6 +45,11 @@ _MAC_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.scaled_dot_product_attention, 
                   torch.bmm, torch.einsum, operator.matmul, torch.mm, torch.addmm}  # fmt: skip
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 CROSSOVER = 0.6  # above this fraction of changed rows a linear runs dense (one full GEMM)
+# Bytes of stored QK^T scores per attention module for the incremental update (0: off). Off by
+# default: measured slower than recomputing attention with SDPA on CPU at 16-196 tokens, even
+# where it halves the attention MACs (bench/token_engine.py --incremental-attention,
+# bench/results/token_attention.json); ``engine.tokens.scores_cap = n`` switches it on.
+SCORES_CAP = 0
 _ALIASES = (nn.Identity, nn.Dropout)  # in eval mode: the input itself
 _ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
                 nn.Sigmoid, nn.LeakyReLU, nn.Mish)  # fmt: skip
@@ -168,6 +173,8 @@ class TokenRuntime:
             )
         self.backend = backend
         self.crossover = CROSSOVER if crossover is None else float(crossover)
+        # attention keeps QK^T (float32) for incremental updates up to this size per module
+        self.scores_cap = SCORES_CAP
         self.gm = _trace(model)
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
@@ -243,6 +250,7 @@ class TokenRuntime:
         self.changes: dict[fx.Node, torch.Tensor | None] = {}
         self.refs: dict[fx.Node, torch.Tensor] = {}
         self.qkv: dict[fx.Node, torch.Tensor] = {}
+        self.scores: dict[fx.Node, torch.Tensor] = {}
         self.frames = 0
         self._stats: dict[fx.Node, list[OpStats]] = {}
 
@@ -527,10 +535,31 @@ class TokenRuntime:
         q, kk, v = part.reshape(k, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
         if qn is not None:
             q, kk = qn(q), kn(kk)
-        kw = {} if scale is None else {"scale": scale}
-        att = F.scaled_dot_product_attention(q, kk, v, **kw)
+        scale = (dim // heads) ** -0.5 if scale is None else scale
+        qk_rows = k * length  # QK^T in rows of L*D MACs
+        if self._keep_scores(n, heads, length):
+            # exact incremental QK^T: stored scores, recomputed for the changed queries (rows)
+            # and the changed keys (columns) only; softmax and AV for every query
+            cols = None if dense or rows.all else rows.mask[sel].any(0).nonzero().squeeze(1)
+            scores = self.scores.get(node)
+            if cols is None or scores is None or 2 * int(cols.numel()) >= length:
+                part_s = (q.float() @ kk.float().transpose(-2, -1)).mul_(scale)
+            else:
+                part_s = scores if all_samples else scores[sel]
+                qc, kc = q.float()[:, :, cols], kk.float()[:, :, cols]
+                part_s[:, :, cols, :] = (qc @ kk.float().transpose(-2, -1)).mul_(scale)
+                part_s[:, :, :, cols] = (q.float() @ kc.transpose(-2, -1)).mul_(scale)
+                qk_rows = k * 2 * int(cols.numel())
+            if scores is None or all_samples:
+                self.scores[node] = part_s
+            else:
+                scores[sel] = part_s
+            att = (part_s.softmax(-1) @ v.float()).to(v.dtype)
+        else:
+            att = F.scaled_dot_product_attention(q, kk, v, scale=scale)
         y = F.linear(att.transpose(1, 2).reshape(k, length, dim), proj.weight, proj.bias)
-        for st in sts[1:]:
+        self._count(sts[1], qk_rows, qk_rows, qk_rows == n * length)
+        for st in sts[2:]:
             self._count(st, k * length, k * length, all_samples)
         if first:
             self._check_attention(node, m, x, y)
@@ -548,6 +577,11 @@ class TokenRuntime:
             chg = Rows(samples[:, None].expand(n, length), (n, length))
         self.values[node] = (out, None) if mha else out
         self.changes[node] = (chg, None) if mha else chg
+
+    def _keep_scores(self, n: int, heads: int, length: int) -> bool:
+        """Whether attention keeps its QK^T scores to update them incrementally: not on the
+        reference backend, and within the memory cap (float32 scores of ``N*H*L*L``)."""
+        return self.backend == "torch" and 4 * n * heads * length * length <= self.scores_cap
 
     def _check_attention(self, node: fx.Node, m: nn.Module, x: torch.Tensor,
                          y: torch.Tensor) -> None:  # fmt: skip
@@ -634,7 +668,8 @@ class TokenRuntime:
 
     def state_bytes(self) -> int:
         seen, total = set(), 0
-        for v in list(self.values.values()) + list(self.refs.values()) + list(self.qkv.values()):
+        for v in [*self.values.values(), *self.refs.values(), *self.qkv.values(),
+                  *self.scores.values()]:
             for t in (v if isinstance(v, tuple) else (v,)):
                 if (isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
                         and id(t) not in seen):  # fmt: skip
