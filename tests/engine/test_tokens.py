@@ -258,3 +258,86 @@ def test_incremental_attention_scores_are_exact_and_counted():
     assert 0 < steady <= (frames - 1) * 2 * 2 * 4 * 16 * 32  # samples x 2 x cols x L x D
     assert av["effective_macs"] == av["dense_macs"]  # AV: every query, every frame
     assert eng.tokens.scores  # the scores were kept
+
+
+class _OddBlocks(nn.Module):
+    """What a real transformer zoo has and the plain ViT does not: a GLU MLP (chunk: a tuple
+    of views), an in-place LayerScale (mul_), a token-mixing MLP on transposed tokens (a
+    non-contiguous intermediate), and an fc_norm head on pooled tokens (an (N, D) gate)."""
+
+    def __init__(self, d=32, tokens=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d, 8, stride=8)
+        self.norm1 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+        self.norm2 = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.act = nn.GELU()
+        self.tok = nn.Linear(tokens, tokens)
+        self.fc_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        a, b = self.fc1(self.norm1(x)).chunk(2, -1)
+        x = x + self.fc2(a * F.silu(b)).mul_(self.gamma)
+        m = self.act(self.mix(self.norm2(x)).transpose(1, 2))  # (N, D, L), not contiguous
+        x = x + self.tok(m).transpose(1, 2)
+        return self.head(self.fc_norm(x.mean(1)))
+
+
+@pytest.mark.parametrize("policy", [dict(), dict(policy="topk", k=3)])
+def test_tuples_in_place_ops_transposes_and_pooled_gates_stream_exactly(policy):
+    torch.manual_seed(0)
+    gm = _gated(_OddBlocks().eval(), thr=0.02, **policy)
+    assert "fc_norm_token" in dict(ds.layers.sparsity_layers(gm))
+    eng = ds.DeltaEngine(gm)
+    base = _footage(1, batch=3, seed=2)[0]
+    outs, wants = [], []
+    with torch.no_grad(), ds.streaming(gm):
+        for t in range(10):
+            f = base.clone()
+            f[0] += 0.05 * t  # sample 0 changes everywhere, 1 in one patch, 2 never
+            f[1, :, :8, :8] += 0.1 * (t % 3)
+            wants.append(gm(f))
+            outs.append(eng.step(f))
+            r = eng.tokens.replay()
+            assert float((outs[-1] - r).abs().max()) <= 1e-5 * float(r.abs().max()), t
+    for t, (want, got) in enumerate(zip(wants, outs, strict=True)):  # outputs kept intact
+        assert float((want - got).abs().max()) <= 1e-5 * float(want.abs().max()), t
+
+
+def test_mha_with_weights_and_matmul_methods_are_refused():
+    class Weights(_MHAViT):
+        def forward(self, x):
+            x = self.conv_proj(x).flatten(2).permute(0, 2, 1) + self.pos
+            y, w = self.block.self_attention(x, x, x)
+            return self.head(y.mean(1)) + w.mean()
+
+    class MatMul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = _vit()
+            self.register_buffer("w", torch.randn(5, 5))
+
+        def forward(self, x):
+            return self.vit(x).matmul(self.w)
+
+    eng = ds.DeltaEngine(Weights().eval())
+    with pytest.raises(UnsupportedOpError, match="need_weights=False"):
+        eng.step(_footage(1)[0])
+    with pytest.raises(UnsupportedOpError, match="method call"):
+        ds.DeltaEngine(MatMul().eval())
+
+
+def test_budget_policies_skip_a_static_scene():
+    gm = _gated(_vit(), policy="fraction", fraction=0.2)
+    eng = ds.DeltaEngine(gm)
+    f = _footage(1)[0]
+    eng.step(f)
+    dense = eng.stats.effective_macs
+    for _ in range(3):
+        eng.step(f)
+    assert eng.stats.effective_macs == dense

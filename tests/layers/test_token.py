@@ -41,6 +41,16 @@ def test_gradients_straight_through_and_the_papers_threshold_rule():
     assert float(g.theta.grad) == pytest.approx(-float(g.loss.detach()) / 0.5, rel=1e-5)
 
 
+def test_budget_policies_never_send_unchanged_tokens_nor_train_the_threshold():
+    e = torch.tensor([[0.0, 0.5, 0.0, 0.0]])
+    assert token_send(e, "topk", None, 3, None).tolist() == [[False, True, False, False]]
+    g = ds.TokenDelta(policy="fraction", fraction=0.5)
+    assert not g.theta.requires_grad
+    static = A[:, :1].repeat(1, 4, 1, 1)
+    g(static)
+    assert g.stats.nonzero == 0  # a static scene sends nothing, whatever the budget
+
+
 def test_budget_policies_pick_the_largest_changes_lowest_index_first():
     e = torch.tensor([[0.3, 0.9, 0.3, 0.1]])
     assert token_send(e, "topk", None, 2, None).tolist() == [[True, True, False, False]]
@@ -84,7 +94,7 @@ def test_bad_arguments_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="fraction"):
         ds.TokenDelta(policy="fraction", fraction=1.5)
     with pytest.raises(ValueError, match="clips"):
-        ds.TokenDelta()(torch.zeros(2, 3, 4))
+        ds.TokenDelta()(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="T=1"):
         ds.TokenDelta()(torch.zeros(1, 1, 4, 8))
     g = ds.TokenDelta(input_layout="frame")

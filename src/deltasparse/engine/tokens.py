@@ -42,7 +42,9 @@ __all__ = ["TokenRuntime", "has_tokens"]
 
 # functional ops with MACs: the engine counts and skips MAC work in modules only
 _MAC_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.scaled_dot_product_attention, torch.matmul,
-                  torch.bmm, torch.einsum, operator.matmul, torch.mm, torch.addmm}  # fmt: skip
+                  torch.bmm, torch.einsum, operator.matmul, torch.mm, torch.addmm, torch.baddbmm,
+                  F.bilinear, torch.addbmm}  # fmt: skip
+_MAC_METHODS = {"matmul", "__matmul__", "bmm", "mm", "addmm", "baddbmm", "addbmm", "mv"}
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 CROSSOVER = 0.6  # above this fraction of changed rows a linear runs dense (one full GEMM)
 # Bytes of stored QK^T scores per attention module for the incremental update (0: off). Off by
@@ -93,6 +95,15 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
+def _in_place(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_method":
+        t = str(node.target)
+        return t.endswith("_") and not t.endswith("__")
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    return bool(node.kwargs.get("inplace", False))
+
+
 def _patch_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride)
             and tuple(m.dilation) == (1, 1) and m.groups == 1 and m.padding in ((0, 0), 0)
@@ -101,6 +112,10 @@ def _patch_conv(m: nn.Module) -> bool:
 
 def _lookup(env: dict, a):
     return fx.node.map_arg(a, lambda n: env[n])
+
+
+def _copy(v):
+    return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def _shares_storage(out: torch.Tensor, ins) -> bool:
@@ -195,6 +210,12 @@ class TokenRuntime:
                     "module, which the token engine can neither skip nor count; use nn.Linear / "
                     "an attention module (timm-style Attention or nn.MultiheadAttention)"
                 )
+            if node.op == "call_method" and node.target in _MAC_METHODS:
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): the method call '{node.name}' (.{node.target}) does "
+                    "MAC work outside a module, which the token engine can neither skip nor "
+                    "count; use nn.Linear / an attention module"
+                )
             if node.op != "call_module":
                 continue
             m = self.modules[node.target]
@@ -287,7 +308,8 @@ class TokenRuntime:
         out = None
         for node in self.nodes:
             if node.op == "output":
-                out = _lookup(self.values, node.args[0])
+                # copies: the engine updates its own buffers in place on later steps
+                out = fx.node.map_aggregate(_lookup(self.values, node.args[0]), _copy)
                 continue
             if node.op == "placeholder":
                 if node is not self._input:  # e.g. timm's attn_mask=None: its default
@@ -346,20 +368,38 @@ class TokenRuntime:
     def _generic(self, node: fx.Node, first: bool) -> None:
         args, kwargs = self._args(node)
         if node.op == "call_function" and node.target is operator.getitem and isinstance(
-            args[0], tuple
+            args[0], (tuple, list)
         ):
-            # a component of a tuple-valued op (nn.MultiheadAttention's (out, weights))
+            # a component of a tuple-valued op (nn.MultiheadAttention's (out, weights), chunk)
             src = self.changes.get(node.args[0])
             self.values[node] = args[0][args[1]]
             self.changes[node] = src[args[1]] if isinstance(src, tuple) else src
             return
+        if _in_place(node, self.modules):
+            # an in-place op (x.mul_(g), ReLU(inplace=True)) on a copy: the engine's stored
+            # rows must stay what their op computed, or they are scaled again every frame
+            args = (_copy(args[0]), *args[1:])
         if node.op == "call_module":
             out = self.modules[node.target](*args, **kwargs)
         elif node.op == "call_function":
             out = node.target(*args, **kwargs)
         else:
             out = getattr(args[0], node.target)(*args[1:], **kwargs)
-        if isinstance(out, torch.Tensor) and _shares_storage(out, [*args, *kwargs.values()]):
+        ins = [*args, *kwargs.values()]
+        if isinstance(out, (tuple, list)):  # chunk, split, unbind: compared part by part
+            out = tuple(o.clone() if isinstance(o, torch.Tensor) and _shares_storage(o, ins)
+                        else o for o in out)  # fmt: skip
+            old = self.values.get(node)
+            self.values[node] = out
+            if first or old is None:
+                self.changes[node] = True if first else None
+                return
+            parts = tuple(
+                (ne if bool((ne := o != p).any()) else None) if isinstance(o, torch.Tensor)
+                else None for o, p in zip(out, old, strict=True))  # fmt: skip
+            self.changes[node] = parts if any(c is not None for c in parts) else None
+            return
+        if isinstance(out, torch.Tensor) and _shares_storage(out, ins):
             out = out.clone()  # a view of a state that another op updates in place
         self._set(node, out, self.values.get(node), first)
 
@@ -384,13 +424,15 @@ class TokenRuntime:
         x = self.values[node.args[0]]
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             return False
+        if getattr(m, "inplace", False):
+            return False  # the generic path runs it on a copy
         if dense:
-            self.values[node] = m(x)
+            self.values[node] = m(x).contiguous()  # partial updates view it flat
             self.changes[node] = True
             return True
         rows = self._rows(node.args[0], x.shape)
         if rows.all or rows.count > self.crossover * rows.numel:
-            self.values[node] = m(x)
+            self.values[node] = m(x).contiguous()
         elif rows.count:
             _update_rows(self.values[node], rows, m(_take_rows(x, rows)))
         self.changes[node] = rows
@@ -434,15 +476,10 @@ class TokenRuntime:
         from ..layers.token import token_change
 
         x = self.values[node.args[0]]
-        if x.dim() < 3:
-            raise ValueError(
-                f"DeltaEngine (tokens): gate '{node.target}' gets shape {tuple(x.shape)}; token "
-                "gates take (N, L, D) tokens"
-            )
         rows = x.numel() // x.shape[-1]
         (st,) = self._op_stats(node, [("", "gate", 0, rows)])
         if first:
-            self.refs[node] = self.values[node] = x.clone()
+            self.refs[node] = self.values[node] = x.contiguous().clone()
             self.changes[node] = True
             self._count(st, rows, rows, True)
             return
@@ -485,8 +522,20 @@ class TokenRuntime:
         self.changes[node] = rows
 
     def _attention(self, node: fx.Node, m: nn.Module, first: bool, dense: bool) -> None:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            raise UnsupportedOpError(
+                f"DeltaEngine (tokens): attention '{node.target}' is called without its tokens "
+                "as the first positional argument"
+            )
         x = self.values[node.args[0]]
         if isinstance(m, nn.MultiheadAttention):
+            if node.kwargs.get("need_weights", True) or any(
+                node.kwargs.get(k) is not None for k in ("attn_mask", "key_padding_mask")
+            ):
+                raise UnsupportedOpError(
+                    f"DeltaEngine (tokens): nn.MultiheadAttention '{node.target}' must be called "
+                    "with need_weights=False and no masks (the engine computes the output only)"
+                )
             if not (node.args[1:3] == (node.args[0], node.args[0]) or len(node.args) == 1):
                 raise UnsupportedOpError(
                     f"DeltaEngine (tokens): '{node.target}' is not self-attention (query, key "

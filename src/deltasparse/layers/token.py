@@ -19,8 +19,9 @@ Exact semantics. A *token* is one row of the last dim: input frames ``(N, *token
   send:
 
   - ``policy="threshold"``: ``e_i > thr`` with ``thr = |theta|``, a learnable scalar;
-  - ``policy="topk"``: the ``k`` tokens of largest ``e_i`` of each frame (ties: lowest index);
-  - ``policy="fraction"``: the ``ceil(fraction * L)`` tokens of largest ``e_i``;
+  - ``policy="topk"``: the ``k`` tokens of largest ``e_i`` of each frame (ties: lowest index),
+    those with ``e_i > 0`` (a token that did not change is never sent);
+  - ``policy="fraction"``: the ``ceil(fraction * L)`` tokens of largest ``e_i``, likewise;
 
   sent tokens take the new value (``ref_i = a_t,i``), the others keep theirs, and the output is
   ``q_t = ref``. For the threshold policy the error is bounded by the step:
@@ -76,6 +77,7 @@ def token_send(e: torch.Tensor, policy: str, thr: torch.Tensor | None, k: int | 
         # a stable descending sort: equal changes are taken lowest index first
         idx = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :r]
         send.scatter_(1, idx, True)
+        send &= flat > 0  # an unchanged token is never sent: it would change nothing
     return send.reshape(e.shape)
 
 
@@ -142,8 +144,10 @@ class TokenDelta(SparsityLayer):
         self.fraction = None if fraction is None else float(fraction)
         self.threshold_init = float(threshold_init)
         self.threshold_trainable = bool(threshold_trainable)
+        # the budget policies do not use the threshold: it gets no gradient there
         self.theta = nn.Parameter(torch.tensor(self.threshold_init),
-                                  requires_grad=self.threshold_trainable)  # fmt: skip
+                                  requires_grad=self.threshold_trainable
+                                  and policy == "threshold")  # fmt: skip
         self.register_buffer("_ref", None, persistent=False)
         self.streaming = False  # set by deltasparse.streaming(model)
 
@@ -166,6 +170,7 @@ class TokenDelta(SparsityLayer):
         return (d != 0).any(-1)
 
     def _check(self, x: torch.Tensor, min_dim: int) -> None:
+        # (N, D) frames are one token per sample (a gate on a pooled feature vector)
         check_float(x, "TokenDelta")
         if x.dim() < min_dim:
             what = "(B, T, L, D) clips" if self.input_layout == "clip" else "(N, L, D) frames"
@@ -195,12 +200,12 @@ class TokenDelta(SparsityLayer):
                 send = self.send(token_change(x, ref))
                 q = torch.where(send.unsqueeze(-1), x, ref)
         if self.streaming:
-            self._ref = q.detach()
+            self._ref = q.detach().clone()  # not the output's storage: it may be changed in place
         return self._gate(x, q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_layout == "frame":
-            self._check(x, 3)
+            self._check(x, 2)
             if self.clip_len is None:
                 self.stats = LayerStats(torch.zeros((), dtype=torch.long, device=x.device), 0,
                                         self.fan_out)  # fmt: skip
@@ -214,7 +219,7 @@ class TokenDelta(SparsityLayer):
                 )
             clip = x.reshape(x.shape[0] // t, t, *x.shape[1:])
         else:
-            self._check(x, 4)
+            self._check(x, 3)
             clip = x
         self._check_time(clip, "TokenDelta")
         with torch.no_grad():

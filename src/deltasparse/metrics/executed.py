@@ -178,7 +178,7 @@ class TokenExecutedCounter(ExecutedCounter):
             after_first = _snapshot(ops)
             for i in range(1, t):
                 rt.step(clip[:, i])
-        except (UnsupportedOpError, ValueError, TypeError) as exc:
+        except (UnsupportedOpError, ValueError, TypeError, RuntimeError) as exc:
             self.error = str(exc)
             log.warning("measure(): no executed-MACs prediction: %s", exc)
             return y
@@ -191,8 +191,7 @@ def executed_counter(frame_model: nn.Module, *, backend: str = "auto",
                      crossover: dict[str, float] | None = None) -> ExecutedCounter:
     """The counter of the engine that runs ``frame_model``: the token runtime's for models with
     token gates, the CNN engine's rules otherwise."""
-    from ..layers import TokenDelta
+    from ..engine.tokens import has_tokens
 
-    tokens = any(isinstance(m, TokenDelta) for m in frame_model.modules())
-    kind = TokenExecutedCounter if tokens else ExecutedCounter
+    kind = TokenExecutedCounter if has_tokens(frame_model) else ExecutedCounter
     return kind(frame_model, backend=backend, crossover=crossover)
