@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import graphed_model
 from torch import nn
 
 import deltasparse as ds
@@ -99,27 +100,6 @@ def time_steps(fn, frames, n: int, warmup: int = 3) -> list[float]:
 
 def med(xs):
     return statistics.median(xs) if xs else None
-
-
-def graphed_model(model: nn.Module, example: torch.Tensor):
-    """``fn(x)`` replaying a CUDA graph of ``model`` on a static input copy."""
-    static_x = example.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        static_y = model(static_x)
-
-    def fn(x):
-        static_x.copy_(x)
-        g.replay()
-        return static_y
-
-    return fn
 
 
 def dense_baselines(model, gm, res, n) -> dict:

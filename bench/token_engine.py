@@ -31,19 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_model, graphed_model
 
 import deltasparse as ds
 from deltasparse.data.streams import synthetic_stream
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _Timer:
@@ -64,26 +55,6 @@ class _Timer:
         b.record()
         torch.cuda.synchronize()
         return a.elapsed_time(b) / 1e3
-
-
-def _graphed(model, example):
-    """The dense model as a CUDA graph (static input buffer), or None off CUDA."""
-    static = example.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(3):
-            model(static)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.inference_mode():
-        model(static)
-
-    def run(f):
-        static.copy_(f)
-        g.replay()
-
-    return run
 
 
 def _time_dense(timer, fn, frames) -> list[float]:
@@ -123,7 +94,7 @@ def run(resolution: int, batch: int, threads: int, fractions, frames: int, seed:
         clip = [f.to(dtype) for f in clip32]
         baselines = {"eager": dense}
         if dev.type == "cuda":
-            baselines["cuda_graph"] = _graphed(dense, clip[0])
+            baselines["cuda_graph"] = graphed_model(dense, clip[0])
         engines = {}
         for f in fractions:
             cfg = ds.DeltaConfig(kind="token", policy="fraction", fraction=f)
@@ -205,7 +176,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "load_avg_at_start": load_start,
                     "load_avg_at_end": os.getloadavg()},  # fmt: skip
     }

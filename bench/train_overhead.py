@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_model
 
 import deltasparse as ds
 
@@ -37,16 +38,6 @@ CONFIGS = {
     "pixel": ds.DeltaConfig(kind="delta", gate="pixel"),
     "pixel_hyst": ds.DeltaConfig(kind="delta", gate="pixel", mode="hysteresis", on_input=True),
 }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(variant: str, base: torch.nn.Module, example: torch.Tensor):
@@ -152,7 +143,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_model(),
+            "processor": cpu_model(),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
         },
