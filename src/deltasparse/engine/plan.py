@@ -67,22 +67,30 @@ def _sparsity_classes():
     return DeltaActivation, ActivationL1, SparsityLayer
 
 
-def trace_model(model: nn.Module) -> fx.GraphModule:
-    """The model's fx graph; ``VideoModel`` is unwrapped to its ``frame_model``."""
-    from ..layers import VideoModel
-
-    if isinstance(model, VideoModel):
-        model = model.frame_model
-    if isinstance(model, fx.GraphModule):
-        return model
+def _sparsity_tracer() -> type[fx.Tracer]:
+    """An fx tracer keeping the sparsity layers as leaves (made late: no import cycle)."""
     _, _, sparsity_layer = _sparsity_classes()
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, sparsity_layer) or super().is_leaf_module(m, qualname)
 
+    return _Tracer
+
+
+def trace_model(model: nn.Module, tracer: type[fx.Tracer] | None = None) -> fx.GraphModule:
+    """The model's fx graph; ``VideoModel`` is unwrapped to its ``frame_model``.
+
+    ``tracer``: the fx tracer class (default: one keeping the sparsity layers as leaves; the
+    token engine passes ``deltasparse._graph.Tracer``, which keeps attention modules too)."""
+    from ..layers import VideoModel
+
+    if isinstance(model, VideoModel):
+        model = model.frame_model
+    if isinstance(model, fx.GraphModule):
+        return model
     try:
-        graph = _Tracer().trace(model)
+        graph = (tracer or _sparsity_tracer())().trace(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         raise UnsupportedOpError(
             f"DeltaEngine: torch.fx could not trace {type(model).__name__}: {exc}. Pass the "

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .._graph import Tracer, is_attention
 from .ops import OpStats
-from .plan import UnsupportedOpError
+from .plan import UnsupportedOpError, trace_model
 from .stats import EngineStats
 
 __all__ = ["TokenRuntime", "has_tokens"]
@@ -71,28 +71,6 @@ def has_tokens(model: nn.Module) -> bool:
     from ..layers import TokenDelta
 
     return any(isinstance(m, TokenDelta) or is_attention(m) for m in model.modules())
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    from ..layers import VideoModel
-
-    if isinstance(model, VideoModel):
-        model = model.frame_model
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        graph = Tracer().trace(model)
-    except Exception as exc:  # fx raises many types; all mean "not traceable"
-        raise UnsupportedOpError(
-            f"DeltaEngine: torch.fx could not trace {type(model).__name__}: {exc}. Pass the "
-            "GraphModule that ds.convert() returns, or make the model fx-traceable"
-        ) from exc
-    gm = fx.GraphModule(model, graph, type(model).__name__)
-    originals = dict(model.named_modules())
-    for name, m in gm.named_modules():
-        if name in originals:
-            m.training = originals[name].training
-    return gm
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:
@@ -190,7 +168,7 @@ class TokenRuntime:
         self.crossover = CROSSOVER if crossover is None else float(crossover)
         # attention keeps QK^T (float32) for incremental updates up to this size per module
         self.scores_cap = SCORES_CAP
-        self.gm = _trace(model)
+        self.gm = trace_model(model, Tracer)
         self.modules = dict(self.gm.named_modules())
         self.nodes = list(self.gm.graph.nodes)
         self._mlp = self._mlp_linears()
