@@ -171,8 +171,11 @@ def fan_out_of(gm: fx.GraphModule, node: fx.Node) -> float:
     return float(sum(module_fan_out(c.module) for c in find_consumers(gm, node)))
 
 
-_TOKENWISE_MODULES = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Tanh, nn.Sigmoid,
-                      nn.Dropout, nn.Identity, nn.LayerNorm)  # fmt: skip
+# activations a token engine applies row by row; with dropout, identity and LayerNorm, the ops
+# through which a gate's sent tokens stay the rows to recompute
+TOKEN_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
+                     nn.Sigmoid, nn.LeakyReLU, nn.Mish)  # fmt: skip
+_TOKENWISE_MODULES = TOKEN_ACTIVATIONS + (nn.Dropout, nn.Identity, nn.LayerNorm)
 
 
 def attention_qkv_macs(m: nn.Module) -> int:
@@ -182,17 +185,15 @@ def attention_qkv_macs(m: nn.Module) -> int:
     return m.qkv.in_features * m.qkv.out_features
 
 
-def token_fan_out(gm: fx.GraphModule, start: fx.Node) -> float:
-    """MACs one sent token of a token gate at ``start`` triggers: the linears it reaches through
-    token-wise ops (an MLP: ``fc1``, its activation, ``fc2``) and the q, k, v projections of an
-    attention module it feeds. What follows a residual add or an attention's token mixing is not
-    the gate's: the next gate decides there."""
+def token_consumers(gm: fx.GraphModule, start: fx.Node) -> list[fx.Node]:
+    """The linears a token gate at ``start`` reaches through token-wise ops (an MLP: ``fc1``, its
+    activation, ``fc2``) and the attention modules it feeds. What follows a residual add or an
+    attention's token mixing is not the gate's: the next gate decides there."""
     modules = dict(gm.named_modules())
-    total = 0
+    found: list[fx.Node] = []
     seen: set[fx.Node] = set()
 
     def walk(node: fx.Node) -> None:
-        nonlocal total
         for user in node.users:
             if user in seen or user.op != "call_module":
                 continue
@@ -201,14 +202,26 @@ def token_fan_out(gm: fx.GraphModule, start: fx.Node) -> float:
             if isinstance(mod, SparsityLayer):
                 continue
             if is_attention(mod):
-                total += attention_qkv_macs(mod)
+                found.append(user)
             elif isinstance(mod, nn.Linear):
-                total += mod.in_features * mod.out_features
+                found.append(user)
                 walk(user)
             elif isinstance(mod, _TOKENWISE_MODULES):
                 walk(user)
 
     walk(start)
+    return found
+
+
+def token_fan_out(gm: fx.GraphModule, start: fx.Node) -> float:
+    """MACs one sent token of a token gate at ``start`` triggers in its
+    :func:`token_consumers`: the linears' MACs per row, the attention modules' q, k, v."""
+    modules = dict(gm.named_modules())
+    total = 0
+    for node in token_consumers(gm, start):
+        mod = modules[node.target]
+        total += (attention_qkv_macs(mod) if is_attention(mod)
+                  else mod.in_features * mod.out_features)  # fmt: skip
     if not total:
         raise FanOutError(
             f"the token gate at '{start.name}' feeds no linear or attention module through "

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .._graph import Tracer, is_attention
+from .._graph import TOKEN_ACTIVATIONS, Tracer, is_attention, token_consumers
 from .ops import OpStats
 from .plan import UnsupportedOpError, trace_model
 from .stats import EngineStats
@@ -53,15 +53,13 @@ CROSSOVER = 0.6  # above this fraction of changed rows a linear runs dense (one 
 # bench/results/token_attention.json); ``engine.tokens.scores_cap = n`` switches it on.
 SCORES_CAP = 0
 _ALIASES = (nn.Identity, nn.Dropout)  # in eval mode: the input itself
-_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
-                nn.Sigmoid, nn.LeakyReLU, nn.Mish)  # fmt: skip
 _BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 
 
 def _tokenwise(m: nn.Module | None) -> bool:
     """Whether the module maps each row of the last dim on its own (not for NCHW maps: the
     rows of a token tensor are its tokens)."""
-    if isinstance(m, _ACTIVATIONS):
+    if isinstance(m, TOKEN_ACTIVATIONS):
         return True
     return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
@@ -225,23 +223,12 @@ class TokenRuntime:
 
     def _mlp_linears(self) -> set[fx.Node]:
         """Linears reached from a token gate through token-wise ops (the MLPs)."""
-        from .._graph import _TOKENWISE_MODULES
         from ..layers import TokenDelta
 
-        out: set[fx.Node] = set()
-        todo = [n for n in self.nodes if n.op == "call_module"
-                and isinstance(self.modules[n.target], TokenDelta)]  # fmt: skip
-        while todo:
-            for user in todo.pop().users:
-                if user.op != "call_module" or user in out:
-                    continue
-                m = self.modules[user.target]
-                if isinstance(m, nn.Linear):
-                    out.add(user)
-                    todo.append(user)
-                elif isinstance(m, _TOKENWISE_MODULES):
-                    todo.append(user)
-        return out
+        return {c for n in self.nodes if n.op == "call_module"
+                and isinstance(self.modules[n.target], TokenDelta)
+                for c in token_consumers(self.gm, n)
+                if isinstance(self.modules[c.target], nn.Linear)}  # fmt: skip
 
     # -- state ---------------------------------------------------------------------------
     def reset(self) -> None:
