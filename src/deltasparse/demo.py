@@ -190,7 +190,6 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: str = "cp
     t0 = time.perf_counter()
     console.print(f"[bold]deltasparse demo[/] → {out}  ({'quick' if quick else 'full'})")
     _write_dataset(out / "data", s, seed)
-    base = _base_config(out, s, seed, device)
     phases = {
         "baseline": dict(init_from=None),
         "l1": dict(init_from=str(out / "baseline" / "model.pt")),
@@ -198,14 +197,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: str = "cp
         # when they moved by more than the step (hysteresis), the input pixels gated too.
         "delta": dict(init_from=str(out / "l1" / "model.pt"), **s["delta"]),
     }
-    results: dict[str, dict] = {}
-    for phase, extra in phases.items():
-        cfg = dataclasses.replace(
-            base, phase=phase, out=str(out / phase), name=phase, epochs=s["epochs"][phase],
-            lr=s["lr"][phase], sparsity_weight=s["sparsity_weight"].get(phase, 0.0), **extra,
-        )  # fmt: skip
-        console.rule(f"[bold]{phase}")
-        results[phase] = _run_phase(cfg, console)
+    results = _train_phases(out, s, seed, device, phases, console)
     console.rule("[bold]calibrated")
     results["calibrated"] = _calibrated_run(out, s, console)
     console.rule("[bold]engine")
@@ -234,6 +226,22 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: str = "cp
     return summary
 
 
+def _train_phases(out: Path, s: dict, seed: int, device: str, phases: dict,
+                  console) -> dict[str, dict]:  # fmt: skip
+    """Train (or reuse) each phase into ``out/<phase>``: the settings' epochs, lr and sparsity
+    weight of the phase, plus its ``phases[phase]`` options; their eval results by phase."""
+    base = _base_config(out, s, seed, device)
+    results: dict[str, dict] = {}
+    for phase, extra in phases.items():
+        cfg = dataclasses.replace(
+            base, phase=phase, out=str(out / phase), name=phase, epochs=s["epochs"][phase],
+            lr=s["lr"][phase], sparsity_weight=s["sparsity_weight"].get(phase, 0.0), **extra,
+        )  # fmt: skip
+        console.rule(f"[bold]{phase}")
+        results[phase] = _run_phase(cfg, console)
+    return results
+
+
 def _base_config(out: Path, s: dict, seed: int, device: str) -> TrainConfig:
     return TrainConfig(
         data=str(out / "data"), cache_dir=str(out / "cache"), resolution=s["resolution"],
@@ -251,17 +259,9 @@ def _run_token_demo(out: Path, s: dict, quick: bool, seed: int, device: str, con
     console.print(f"[bold]deltasparse demo[/] ({s['model']}) → {out}  "
                   f"({'quick' if quick else 'full'})")  # fmt: skip
     _write_dataset(out / "data", s, seed)
-    base = _base_config(out, s, seed, device)
     phases = {"baseline": dict(init_from=None),
               "delta": dict(init_from=str(out / "baseline" / "model.pt"), **s["delta"])}
-    results: dict[str, dict] = {}
-    for phase, extra in phases.items():
-        cfg = dataclasses.replace(
-            base, phase=phase, out=str(out / phase), name=phase, epochs=s["epochs"][phase],
-            lr=s["lr"][phase], sparsity_weight=s["sparsity_weight"].get(phase, 0.0), **extra,
-        )  # fmt: skip
-        console.rule(f"[bold]{phase}")
-        results[phase] = _run_phase(cfg, console)
+    results = _train_phases(out, s, seed, device, phases, console)
     console.rule("[bold]engine")
     runs = {k: _summarise(v) for k, v in results.items()}
     runs["delta"]["engine"] = _engine_summary(_engine_stage("delta", out / "delta", s, console))
