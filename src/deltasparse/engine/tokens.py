@@ -327,6 +327,14 @@ class TokenRuntime:
         ne = new != old
         self.changes[node] = ne if bool(ne.any()) else None
 
+    def _call(self, node: fx.Node, args, kwargs):
+        """What ``node`` computes on these arguments (a module, function or method call)."""
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
     def _args(self, node: fx.Node):
         return _lookup(self.values, node.args), _lookup(self.values, node.kwargs)
 
@@ -344,12 +352,7 @@ class TokenRuntime:
             # an in-place op (x.mul_(g), ReLU(inplace=True)) on a copy: the engine's stored
             # rows must stay what their op computed, or they are scaled again every frame
             args = (_copy(args[0]), *args[1:])
-        if node.op == "call_module":
-            out = self.modules[node.target](*args, **kwargs)
-        elif node.op == "call_function":
-            out = node.target(*args, **kwargs)
-        else:
-            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        out = self._call(node, args, kwargs)
         ins = [*args, *kwargs.values()]
         if isinstance(out, (tuple, list)):  # chunk, split, unbind: compared part by part
             out = tuple(o.clone() if isinstance(o, torch.Tensor) and _shares_storage(o, ins)
@@ -669,12 +672,7 @@ class TokenRuntime:
                 env[node] = self.refs[node]
             else:
                 args, kwargs = _lookup(env, node.args), _lookup(env, node.kwargs)
-                if node.op == "call_module":
-                    env[node] = self.modules[node.target](*args, **kwargs)
-                elif node.op == "call_function":
-                    env[node] = node.target(*args, **kwargs)
-                else:
-                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                env[node] = self._call(node, args, kwargs)
         return out
 
     def op_stats(self) -> list[OpStats]:
