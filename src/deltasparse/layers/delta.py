@@ -172,20 +172,10 @@ class _GateDelta(torch.autograd.Function):
             df = d.float()
             # the channels' L2 norm; (d*d).sum is ~20x faster than linalg.vector_norm here
             norm = (df * df).sum(2, keepdim=True).sqrt_()
-            # loss_sum = sum_p W_p ||d_p|| / sqrt(C): W_p = C (the plain group loss, times the
-            # layer's fan-out outside), or what weight_fn gives (the executed MACs a change of
-            # pixel p triggers in the consumers, see DeltaActivation.spread)
-            w = None if weight_fn is None else weight_fn(norm)
-            if w is None:  # the plain group loss
-                loss_sum = math.sqrt(c) * norm.sum()
-                factor = math.sqrt(c) / norm.clamp_min(1e-30)
-            else:
-                loss_sum = (w * norm).sum() / math.sqrt(c)
-                factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
+            loss_sum, factor = _pixel_loss(norm, c, weight_fn)
             # dloss/dd = d * factor: kept as d (an output anyway) and the per-pixel factor,
             # not as a clip-sized product (one pass and one tensor less per layer)
-            # (float32: sqrt(C)/norm overflows half precision; zero where nothing changed)
-            s, factor = d, torch.where(norm > 0, factor, 0.0)
+            s = d
             finite = math.isfinite(loss_sum.item()) if cpu else None
             nonzero = count_nonzero(norm, finite=finite) * c
         ctx.save_for_backward(levels, s, factor)
@@ -217,6 +207,92 @@ class _GateDelta(torch.autograd.Function):
         if g is not None and ctx.needs_input_grad[1]:
             grad_thr = torch.mul(g.float(), levels).sum_to_size(ctx.thr_shape).neg_()
         return g, grad_thr, None, None, None, None
+
+
+def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel gate's loss sum ``sum_p W_p ||d_p|| / sqrt(C)`` from the per-pixel delta norms
+    ``(B, T-1, 1, *spatial)``, and the per-pixel factor of its gradient (``dloss/dd = d *
+    factor``; float32, zero where nothing changed: sqrt(C)/norm overflows half precision).
+    ``W_p = C`` (the plain group loss, times the layer's fan-out outside), or what ``weight_fn``
+    gives (the executed MACs a change of pixel p triggers in the consumers, see
+    :attr:`DeltaActivation.spread`)."""
+    w = None if weight_fn is None else weight_fn(norm)
+    if w is None:  # the plain group loss
+        loss_sum = math.sqrt(c) * norm.sum()
+        factor = math.sqrt(c) / norm.clamp_min(1e-30)
+    else:
+        loss_sum = (w * norm).sum() / math.sqrt(c)
+        factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
+    return loss_sum, torch.where(norm > 0, factor, 0.0)
+
+
+_ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
+_FUSED: dict = {}
+
+
+def _fused_gate_ops():
+    """The C++ training gate (``engine/kernels/cpp.py``), or None; warns once when it failed
+    to build (``DELTASPARSE_NO_CPP=1`` turns it off without a warning)."""
+    if "ops" not in _FUSED:
+        from ..engine.kernels import cpp  # here: the engine package imports the layers
+
+        _FUSED["ops"] = cpp.gate_ops()
+        if _FUSED["ops"] is None and cpp.build_error() is not None:
+            import warnings
+
+            warnings.warn(
+                "DeltaActivation: the fused C++ training gate could not be built "
+                f"({cpp.build_error()}); the layers train on the torch path, ~1.3-2x slower "
+                "per layer (set DELTASPARSE_NO_CPP=1 to choose that path silently)",
+                RuntimeWarning, stacklevel=3)  # fmt: skip
+    return _FUSED["ops"]
+
+
+class _GateDeltaFused(torch.autograd.Function):
+    """:class:`_GateDelta` with the activation, in one C++ pass forward and one backward
+    (float32 clips on the CPU, a step per layer or per channel; ``d`` is not returned)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, thr: torch.Tensor, act: str | None, mode: str,
+                pixel: bool, weight_fn=None):  # fmt: skip
+        ctx.set_materialize_grads(False)
+        fwd, _ = _fused_gate_ops()
+        b, t, c = x.shape[:3]
+        tc = thr.reshape(-1).expand(c).contiguous()
+        code, hyst = _ACT_CODES[act], mode == "hysteresis"
+        q, aux, sent = fwd(x, tc, code, hyst, pixel)
+        factor = None
+        if pixel:
+            norm = aux.view(b, t - 1, 1, *x.shape[3:])
+            loss_sum, factor = _pixel_loss(norm, c, weight_fn)
+            finite = math.isfinite(loss_sum.item())
+            nonzero = count_nonzero(norm, finite=finite) * c
+        else:
+            sums = aux.sum((0, 1))  # float64: sum |d|, count of d != 0
+            loss_sum, nonzero = sums[0].float(), sums[1].round().to(torch.int64)
+        # q is replayed from x in the backward (x and the pixels sent are saved, not q: the
+        # output may be changed in place, and x is a clip-sized tensor less than q and d)
+        ctx.save_for_backward(x, sent, factor, tc)
+        ctx.cfg = (code, hyst, pixel, tuple(thr.shape))
+        ctx.mark_non_differentiable(nonzero)
+        return q, loss_sum, nonzero
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_loss_sum, _grad_nonzero):
+        x, sent, factor, tc = ctx.saved_tensors
+        code, hyst, pixel, thr_shape = ctx.cfg
+        _, bwd = _fused_gate_ops()
+        empty = x.new_empty(0)
+        gq = empty if grad_q is None else grad_q.float().contiguous()
+        gls = 0.0 if grad_loss_sum is None else float(grad_loss_sum)
+        w = (factor * gls).reshape(x.shape[0], x.shape[1] - 1, -1) if pixel else empty
+        need_thr = ctx.needs_input_grad[1]
+        gx, gthr = bwd(gq, x, sent, w.contiguous(), gls, tc, code, hyst, pixel, need_thr)
+        grad_thr = None
+        if need_thr:
+            g = gthr.sum(0).float()  # (C,), float64 partial sums per sample
+            grad_thr = g.sum().reshape(thr_shape) if len(thr_shape) == 0 else g.reshape(thr_shape)
+        return gx, grad_thr, None, None, None, None
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -470,16 +546,30 @@ class DeltaActivation(SparsityLayer):
         self._check_time(clip, "DeltaActivation")
         self._ensure_theta(tuple(clip.shape[2:]), clip.device)
         s = torch.cumsum(clip, dim=1) if self.sigma else clip
-        a = _activate(s, self.activation)
         thr = self._clip_threshold(clip.dim())
         weight_fn = self._spread_weights if (self.pixel and self.spread) else None
-        q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode, self.pixel,
-                                                   weight_fn)  # fmt: skip
+        if self._fused(s):
+            q, loss_sum, nonzero = _GateDeltaFused.apply(s.contiguous(), thr, self.activation,
+                                                         self.mode, self.pixel, weight_fn)  # fmt: skip
+            d = None
+            n_d = q[:, 1:].numel()
+        else:
+            a = _activate(s, self.activation)
+            q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode,
+                                                       self.pixel, weight_fn)  # fmt: skip
+            n_d = d.numel()
         scale = 1.0 if weight_fn is not None else self.fan_out
-        self.loss = self.sparsity_weight * scale * loss_sum / d.numel()
-        self.stats = LayerStats(nonzero, d.numel(), self.fan_out)
+        self.loss = self.sparsity_weight * scale * loss_sum / n_d
+        self.stats = LayerStats(nonzero, n_d, self.fan_out)
         out = torch.cat([q[:, :1], d], dim=1) if self.delta_output else q
         return out.reshape(in_shape)
+
+    def _fused(self, s: torch.Tensor) -> bool:
+        """Whether the clip takes the fused C++ gate (same results as the torch path to float
+        rounding of the loss sums and gradients; the outputs are identical)."""
+        return (s.device.type == "cpu" and s.dtype == torch.float32 and not self.delta_output
+                and self.granularity != "neuron" and s[0, 0].numel() > 0
+                and _fused_gate_ops() is not None)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

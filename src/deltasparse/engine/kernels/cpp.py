@@ -1,5 +1,9 @@
-"""Fused C++ CPU ops of the engine: the epilogue (bias -> clamp -> quantise -> compare -> write
-back) and the sparse depthwise conv (k^2 taps of the listed rows, no im2col copy).
+"""Fused C++ CPU ops: the engine's epilogue (bias -> clamp -> quantise -> compare -> write
+back) and sparse depthwise conv (k^2 taps of the listed rows, no im2col copy), and the
+training gate of :class:`~deltasparse.DeltaActivation` on a clip (``gate_forward`` /
+``gate_backward``: activation, quantiser or hysteresis, temporal deltas and the loss sums in
+one pass forward, the straight-through backward with the sparsity loss's gradient and the
+step's gradient in one pass backward, where the torch path takes a dozen passes per layer).
 
 In plain torch ops the epilogue of every layer is seven passes over the computed rows
 (clamp, div, round, mul, ne, any, index_copy); on a 2-core CPU they cost about as much as the
@@ -27,14 +31,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_dir", "build_error", "build_key", "load", "quant_commit"]
+__all__ = ["available", "build_dir", "build_error", "build_key", "gate_ops", "load",
+           "quant_commit"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 // One row: bias -> clamp -> gate -> compare -> write. Specialised per mode so that the
 // inner loop has no branches and vectorises (no fast-math: same IEEE ops as the torch path).
@@ -169,29 +177,262 @@ torch::Tensor depthwise_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor 
   return y;
 }
 
+// Training gate of DeltaActivation on a clip (B, T, C, ...) float32 (S: the positions), fused: activation ->
+// quantiser / hysteresis -> temporal delta -> loss sums (forward) and the straight-through
+// backward with the sparsity loss's gradient, in one pass each. Same IEEE float32 operations
+// as the torch path (division, round half to even via nearbyint, no FMA contraction).
+// act: 0 none, 1 relu, 2 relu6. hyst: hysteresis (else grid). pixel: pixel gate (else scalar).
+static inline float ds_act(float v, int64_t act) {
+  if (act == 0) return v;
+  v = v < 0.f ? 0.f : v;  // NaN stays NaN, as F.relu
+  if (act == 2) v = v > 6.f ? 6.f : v;
+  return v;
+}
+
+// Returns {q, norm, sent} (pixel: norm (B, T-1, S) = ||q_t - q_{t-1}||_2 over channels) or
+// {q, stats, sent} (scalar: stats (B, chunks, 2) float64 = sum |d|, count of d != 0); sent
+// (B * T * S uint8, pixel hysteresis only): the pixels sent, for gate_backward.
+std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int64_t act,
+                                        bool hyst, bool pixel) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && thr.dtype() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(x.dim() >= 3 && x.is_contiguous() && thr.is_contiguous(), "x (B, T, C, ...)");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const int64_t S = B * T * C ? x.numel() / (B * T * C) : 0;
+  TORCH_CHECK(thr.numel() == C, "thr (C,)");
+  auto q = torch::empty_like(x);
+  const int64_t CH = 512;
+  const int64_t nch = (S + CH - 1) / CH;
+  torch::Tensor aux = pixel ? torch::empty({B, T - 1, S}, x.options())
+                            : torch::zeros({B, nch, 2}, x.options().dtype(torch::kFloat64));
+  // pixel hysteresis: which pixels were sent (the backward replays the gate from x with it)
+  torch::Tensor sent = torch::empty({hyst && pixel ? B * T * S : 0},
+                                    x.options().dtype(torch::kUInt8));
+  uint8_t* sp_ = sent.data_ptr<uint8_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* tp = thr.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  at::parallel_for(0, B * nch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(CH), cnt_(CH);
+    std::vector<int32_t> gt(CH), nan(CH);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nch, s0 = (task % nch) * CH, n = std::min(CH, S - s0);
+      double asum = 0.0, cnt = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t base = ((b * T + t) * C) * S + s0;
+        if (hyst && pixel) {  // send a pixel when any channel's |a - ref| > thr (NaN: never)
+          for (int64_t i = 0; i < n; ++i) { gt[i] = 0; nan[i] = 0; }
+          for (int64_t c = 0; c < C; ++c) {
+            const float* xi = xp + base + c * S;
+            const float* ri = qp + base + c * S - C * S;
+            const float tc = tp[c];
+            for (int64_t i = 0; i < n; ++i) {
+              const float a = ds_act(xi[i], act);
+              const float r = t ? ri[i] : 0.f;
+              const float m = std::fabs(a - r) - tc;
+              gt[i] |= m > 0.f;
+              nan[i] |= m != m;
+            }
+          }
+          uint8_t* si = sp_ + (b * T + t) * S + s0;
+          for (int64_t i = 0; i < n; ++i) si[i] = (uint8_t)(gt[i] & !nan[i]);
+          for (int64_t c = 0; c < C; ++c) {
+            const float* xi = xp + base + c * S;
+            const float* ri = qp + base + c * S - C * S;
+            float* qi = qp + base + c * S;
+            for (int64_t i = 0; i < n; ++i) {
+              const float a = ds_act(xi[i], act);
+              const float r = t ? ri[i] : 0.f;
+              qi[i] = si[i] ? a : r;
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const float* xi = xp + base + c * S;
+            const float* ri = qp + base + c * S - C * S;
+            float* qi = qp + base + c * S;
+            const float tc = tp[c];
+            for (int64_t i = 0; i < n; ++i) {
+              const float a = ds_act(xi[i], act);
+              if (hyst) {
+                const float r = t ? ri[i] : 0.f;
+                qi[i] = std::fabs(a - r) > tc ? a : r;
+              } else {
+                qi[i] = std::nearbyint(a / tc) * tc;
+              }
+            }
+          }
+        }
+        if (t == 0) continue;
+        if (pixel) {
+          for (int64_t i = 0; i < n; ++i) acc[i] = 0.f;
+          for (int64_t c = 0; c < C; ++c) {
+            const float* qi = qp + base + c * S;
+            const float* pi = qi - C * S;
+            for (int64_t i = 0; i < n; ++i) {
+              const float d = qi[i] - pi[i];
+              acc[i] = acc[i] + d * d;
+            }
+          }
+          float* np = aux.data_ptr<float>() + ((b * (T - 1) + t - 1) * S) + s0;
+          for (int64_t i = 0; i < n; ++i) np[i] = std::sqrt(acc[i]);
+        } else {  // per-position partial sums over the channels (they vectorise)
+          for (int64_t i = 0; i < n; ++i) { acc[i] = 0.f; cnt_[i] = 0.f; }
+          for (int64_t c = 0; c < C; ++c) {
+            const float* qi = qp + base + c * S;
+            const float* pi = qi - C * S;
+            for (int64_t i = 0; i < n; ++i) {
+              const float d = qi[i] - pi[i];
+              acc[i] = acc[i] + std::fabs(d);
+              cnt_[i] = cnt_[i] + (d != 0.f ? 1.f : 0.f);
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) { asum += acc[i]; cnt += cnt_[i]; }
+        }
+      }
+      if (!pixel) {
+        double* sp = aux.data_ptr<double>() + (b * nch + task % nch) * 2;
+        sp[0] = asum;
+        sp[1] = cnt;
+      }
+    }
+  });
+  return {q, aux, sent};
+}
+
+// Backward. g_t = gq_t + e_t - e_{t+1} with e_t = dL/dd_t (1 <= t < T; e_0 = e_T = 0):
+// pixel e = d * w (w (B, T-1, S): the loss's per-pixel factor times its gradient), scalar
+// e = sgn(d) * gls. Returns {gx, gthr} with gx = g * act'(x) and gthr (B, C) float64 =
+// -sum g * levels (levels: grid nearbyint(q / thr), hysteresis q / thr); gq may be empty
+// (zero), gthr is empty unless need_thr. q is not stored: it is replayed from x, one channel
+// of one sample at a time, with the same operations as the forward (so exactly its values;
+// pixel hysteresis takes the forward's `sent`), so that the output may be changed in place.
+std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torch::Tensor sent,
+                                         torch::Tensor w, double gls, torch::Tensor thr,
+                                         int64_t act, bool hyst, bool pixel, bool need_thr) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() >= 3, "x");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const int64_t S = B * T * C ? x.numel() / (B * T * C) : 0;
+  const bool has_gq = gq.numel() > 0;
+  TORCH_CHECK(!has_gq || (gq.is_contiguous() && gq.sizes() == x.sizes()), "gq");
+  TORCH_CHECK(!pixel || (w.is_contiguous() && w.numel() == B * (T - 1) * S), "w");
+  TORCH_CHECK(!(hyst && pixel) || sent.numel() == B * T * S, "sent");
+  auto gx = torch::empty_like(x);
+  auto gthr = need_thr ? torch::zeros({B, C}, x.options().dtype(torch::kFloat64))
+                       : torch::empty({0}, x.options().dtype(torch::kFloat64));
+  const float* gqp = has_gq ? gq.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* snp = hyst && pixel ? sent.data_ptr<uint8_t>() : nullptr;
+  const float* wp = pixel ? w.data_ptr<float>() : nullptr;
+  const float* tp = thr.data_ptr<float>();
+  float* gp = gx.data_ptr<float>();
+  double* gtp = need_thr ? gthr.data_ptr<double>() : nullptr;
+  const float fg = (float)gls;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tacc(need_thr ? S : 0), r0(S), r1(S), r2(S), zero(S, 0.f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / C, c = task % C;
+      const float tc = tp[c];
+      double tsum = 0.0;
+      if (need_thr) std::fill(tacc.begin(), tacc.end(), 0.f);
+      // q of frame t into out, from the previous frame's q (prev), as gate_forward computes it
+      auto replay = [&](int64_t t, const float* prev, float* out) {
+        const float* xi = xp + ((b * T + t) * C + c) * S;
+        if (!hyst) {
+          for (int64_t i = 0; i < S; ++i) out[i] = std::nearbyint(ds_act(xi[i], act) / tc) * tc;
+        } else if (pixel) {
+          const uint8_t* si = snp + (b * T + t) * S;
+          for (int64_t i = 0; i < S; ++i) out[i] = si[i] ? ds_act(xi[i], act) : prev[i];
+        } else {
+          for (int64_t i = 0; i < S; ++i) {
+            const float a = ds_act(xi[i], act);
+            out[i] = std::fabs(a - prev[i]) > tc ? a : prev[i];
+          }
+        }
+      };
+      float *qprev = r0.data(), *qcur = r1.data(), *qnext = r2.data();
+      replay(0, zero.data(), qcur);
+      if (T > 1) replay(1, qcur, qnext);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t off = ((b * T + t) * C + c) * S;
+        const float* w0 = pixel && t ? wp + (b * (T - 1) + t - 1) * S : nullptr;
+        const float* w1 = pixel && t + 1 < T ? wp + (b * (T - 1) + t) * S : nullptr;
+        float* gi = gp + off;
+        if (has_gq) std::memcpy(gi, gqp + off, S * sizeof(float));
+        else std::memset(gi, 0, S * sizeof(float));
+        // + e_t, then - e_{t+1}: separate loops without branches (they vectorise)
+        if (t && pixel)
+          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] + (qcur[i] - qprev[i]) * w0[i];
+        if (t && !pixel)
+          for (int64_t i = 0; i < S; ++i) {
+            const float d = qcur[i] - qprev[i];
+            gi[i] = gi[i] + (float)((d > 0.f) - (d < 0.f)) * fg;
+          }
+        if (t + 1 < T && pixel)
+          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] - (qnext[i] - qcur[i]) * w1[i];
+        if (t + 1 < T && !pixel)
+          for (int64_t i = 0; i < S; ++i) {
+            const float d = qnext[i] - qcur[i];
+            gi[i] = gi[i] - (float)((d > 0.f) - (d < 0.f)) * fg;
+          }
+        if (need_thr)  // -sum g * levels: per-position partial sums (they vectorise)
+          for (int64_t i = 0; i < S; ++i) {
+            const float v = qcur[i] / tc;
+            tacc[i] = tacc[i] + gi[i] * (hyst ? v : std::nearbyint(v));
+          }
+        const float* xi = xp + off;
+        if (act == 1)
+          for (int64_t i = 0; i < S; ++i) gi[i] = xi[i] > 0.f ? gi[i] : 0.f;
+        if (act == 2)
+          for (int64_t i = 0; i < S; ++i) gi[i] = (xi[i] > 0.f && xi[i] < 6.f) ? gi[i] : 0.f;
+        // rotate the three frames: prev <- cur <- next <- q of frame t + 2
+        float* spare = qprev;
+        qprev = qcur;
+        qcur = qnext;
+        qnext = spare;
+        if (t + 2 < T) replay(t + 2, qcur, qnext);
+      }
+      if (need_thr) {
+        for (int64_t i = 0; i < S; ++i) tsum += tacc[i];
+        gtp[b * C + c] = -tsum;
+      }
+    }
+  });
+  return {gx, gthr};
+}
+
 TORCH_LIBRARY(deltasparse, m) {
   m.def("depthwise_rows(Tensor x, Tensor taps, Tensor w, Tensor rows) -> Tensor");
   m.def("quant_commit(Tensor z, Tensor(a!) buf, Tensor rows, Tensor bias, float lo, float hi, "
         "Tensor thr, "
         "int thr_mode, int hw, bool compare, int gate=0) -> Tensor");
+  m.def("gate_forward(Tensor x, Tensor thr, int act, bool hyst, bool pixel) -> Tensor[]");
+  m.def("gate_backward(Tensor gq, Tensor x, Tensor sent, Tensor w, float gls, Tensor thr, "
+        "int act, bool hyst, bool pixel, bool need_thr) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
   m.impl("depthwise_rows", &depthwise_rows);
+  m.impl("gate_forward", &gate_forward);
+  m.impl("gate_backward", &gate_backward);
 }
 """
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 6
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_VERSION = 7
+# -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
+# compiled without it the loops run on one thread. The library links libgomp.so.1, which
+# resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread count).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+           "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "") -> str:
     """A short hash naming the build of one torch install: its version, the folder it is
     installed in (one per virtual environment) and the Python version."""
     text = "\0".join([str(_VERSION), torch_version, str(Path(torch_path).resolve()), python,
-                      hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(_CFLAGS)])
+                      hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(_CFLAGS + _LDFLAGS)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -230,6 +471,7 @@ def load(build: bool = True):
             name=name,
             cpp_sources=[_SOURCE],
             extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(folder),
             is_python_module=False,
             verbose=False,
@@ -251,6 +493,13 @@ def load(build: bool = True):
         op = None
     _state["op"] = op
     return op
+
+
+def gate_ops():
+    """``(gate_forward, gate_backward)`` of the C++ library, or None if it is unavailable."""
+    if load() is None:
+        return None
+    return torch.ops.deltasparse.gate_forward, torch.ops.deltasparse.gate_backward
 
 
 def available() -> bool:

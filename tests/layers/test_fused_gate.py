@@ -1,0 +1,104 @@
+"""The fused C++ training gate (engine/kernels/cpp.py gate_forward / gate_backward) against the
+torch path of DeltaActivation: identical outputs and counts, losses and both gradients equal
+to float rounding, for every gate, mode, activation and threshold granularity it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltasparse as ds
+from deltasparse.layers import delta as delta_mod
+from deltasparse.engine.kernels import CppBackend
+
+pytestmark = pytest.mark.skipif(not CppBackend.available(), reason="the C++ op does not build")
+
+CASES = [(g, m, a, gran) for g in ("scalar", "pixel") for m in ("grid", "hysteresis")
+         for a in (None, "relu", "relu6") for gran in ("layer", "channel")]  # fmt: skip
+
+
+def _run(layer, x, fused: bool, monkeypatch, weight=None):
+    with monkeypatch.context() as mp:
+        if not fused:
+            mp.setattr(type(layer), "_fused", lambda self, s: False)
+        else:
+            assert layer._fused(x), "the fused gate should take this clip"
+        x = x.detach().clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        q = layer(x)
+        w = torch.linspace(-1, 1, q.numel()).reshape(q.shape) if weight is None else weight
+        ((q * w).sum() + 7.0 * layer.loss).backward()
+        return q.detach(), layer.loss.detach(), int(layer.stats.nonzero), x.grad, layer.theta.grad
+
+
+@pytest.mark.parametrize("gate,mode,act,gran", CASES)
+def test_fused_gate_equals_the_torch_path(gate, mode, act, gran, monkeypatch):
+    torch.manual_seed(0)
+    layer = ds.DeltaActivation(granularity=gran, threshold_init=0.4, activation=act, gate=gate,
+                               mode=mode, sparsity_weight=0.1)  # fmt: skip
+    x = torch.randn(3, 5, 4, 6, 7) * 2
+    x[:, 2] = x[:, 1] + 0.01 * torch.randn_like(x[:, 1])  # small changes: some pixels stay
+    ref = _run(layer, x, False, monkeypatch)
+    got = _run(layer, x, True, monkeypatch)
+    assert torch.equal(ref[0], got[0])  # the outputs: the same float operations
+    assert ref[2] == got[2]  # the exact count of changed scalars (pixels x C)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gate_on_feature_vectors_and_with_the_spread_loss(monkeypatch):
+    # (B, T, F) clips (one pixel per sample) and a pixel gate whose loss counts consumer rows
+    torch.manual_seed(1)
+    layer = ds.DeltaActivation(threshold_init=0.3, activation="relu", gate="pixel")
+    x = torch.randn(4, 3, 10)
+    ref, got = _run(layer, x, False, monkeypatch), _run(layer, x, True, monkeypatch)
+    assert torch.equal(ref[0], got[0]) and ref[2] == got[2]
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+    layer = ds.DeltaActivation(threshold_init=0.3, activation="relu", gate="pixel",
+                               mode="hysteresis")  # fmt: skip
+    layer.spread = [{"windows": [((3, 3), (1, 1), (1, 1), (1, 1), False)], "macs_per_row": 90}]
+    x = torch.randn(2, 4, 5, 6, 6)
+    ref, got = _run(layer, x, False, monkeypatch), _run(layer, x, True, monkeypatch)
+    assert torch.equal(ref[0], got[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gate_output_may_be_changed_in_place():
+    # the backward replays q from x: an in-place op on the output does not corrupt it
+    torch.manual_seed(2)
+    x0 = torch.randn(2, 3, 4, 5, 5)
+    grads = []
+    for in_place in (False, True):
+        layer = ds.DeltaActivation(threshold_init=0.2, gate="pixel", mode="hysteresis")
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y = y.mul_(2) if in_place else y * 2
+        (y.square().sum() + layer.loss).backward()
+        grads.append((x.grad.clone(), layer.theta.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_paths_that_the_fused_gate_does_not_take():
+    x = torch.randn(2, 3, 4, 5)
+    assert not ds.DeltaActivation(granularity="neuron")._fused(x)
+    assert not ds.DeltaActivation(delta_output=True)._fused(x)
+    assert not ds.DeltaActivation()._fused(x.double())
+    assert not ds.DeltaActivation()._fused(x.bfloat16())
+    assert ds.DeltaActivation()._fused(x)
+
+
+def test_a_failed_build_warns_once_and_trains_on_the_torch_path(monkeypatch):
+    from deltasparse.engine.kernels import cpp
+
+    monkeypatch.setattr(delta_mod, "_FUSED", {})
+    monkeypatch.setattr(cpp, "gate_ops", lambda: None)
+    monkeypatch.setattr(cpp, "build_error", lambda: "OSError: no compiler")
+    layer = ds.DeltaActivation(gate="pixel")
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="fused C.. training gate could not be built"):
+        y = layer(x)
+    (y.sum() + layer.loss).backward()
+    assert x.grad is not None and delta_mod._FUSED["ops"] is None
