@@ -329,16 +329,21 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
   const float fg = (float)gls;
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tacc(need_thr ? S : 0), r0(S), r1(S), r2(S), zero(S, 0.f);
+    std::vector<float> l0(hyst ? 0 : S), l1(hyst ? 0 : S), l2(hyst ? 0 : S);  // grid levels
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / C, c = task % C;
       const float tc = tp[c];
       double tsum = 0.0;
       if (need_thr) std::fill(tacc.begin(), tacc.end(), 0.f);
       // q of frame t into out, from the previous frame's q (prev), as gate_forward computes it
-      auto replay = [&](int64_t t, const float* prev, float* out) {
+      auto replay = [&](int64_t t, const float* prev, float* out, float* lev) {
         const float* xi = xp + ((b * T + t) * C + c) * S;
-        if (!hyst) {
-          for (int64_t i = 0; i < S; ++i) out[i] = std::nearbyint(ds_act(xi[i], act) / tc) * tc;
+        if (!hyst) {  // the levels are kept for the step's gradient (one division less)
+          for (int64_t i = 0; i < S; ++i) {
+            const float l = std::nearbyint(ds_act(xi[i], act) / tc);
+            lev[i] = l;
+            out[i] = l * tc;
+          }
         } else if (pixel) {
           const uint8_t* si = snp + (b * T + t) * S;
           for (int64_t i = 0; i < S; ++i) out[i] = si[i] ? ds_act(xi[i], act) : prev[i];
@@ -350,8 +355,9 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
         }
       };
       float *qprev = r0.data(), *qcur = r1.data(), *qnext = r2.data();
-      replay(0, zero.data(), qcur);
-      if (T > 1) replay(1, qcur, qnext);
+      float *lprev = l0.data(), *lcur = l1.data(), *lnext = l2.data();
+      replay(0, zero.data(), qcur, lcur);
+      if (T > 1) replay(1, qcur, qnext, lnext);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t off = ((b * T + t) * C + c) * S;
         const float* w0 = pixel && t ? wp + (b * (T - 1) + t - 1) * S : nullptr;
@@ -374,11 +380,11 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
             const float d = qnext[i] - qcur[i];
             gi[i] = gi[i] - (float)((d > 0.f) - (d < 0.f)) * fg;
           }
-        if (need_thr)  // -sum g * levels: per-position partial sums (they vectorise)
-          for (int64_t i = 0; i < S; ++i) {
-            const float v = qcur[i] / tc;
-            tacc[i] = tacc[i] + gi[i] * (hyst ? v : std::nearbyint(v));
-          }
+        // -sum g * levels: per-position partial sums (they vectorise)
+        if (need_thr && hyst)
+          for (int64_t i = 0; i < S; ++i) tacc[i] = tacc[i] + gi[i] * (qcur[i] / tc);
+        if (need_thr && !hyst)
+          for (int64_t i = 0; i < S; ++i) tacc[i] = tacc[i] + gi[i] * lcur[i];
         const float* xi = xp + off;
         if (act == 1)
           for (int64_t i = 0; i < S; ++i) gi[i] = xi[i] > 0.f ? gi[i] : 0.f;
@@ -389,7 +395,11 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
         qprev = qcur;
         qcur = qnext;
         qnext = spare;
-        if (t + 2 < T) replay(t + 2, qcur, qnext);
+        spare = lprev;
+        lprev = lcur;
+        lcur = lnext;
+        lnext = spare;
+        if (t + 2 < T) replay(t + 2, qcur, qnext, lnext);
       }
       if (need_thr) {
         for (int64_t i = 0; i < S; ++i) tsum += tacc[i];
