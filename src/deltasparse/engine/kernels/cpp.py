@@ -191,7 +191,7 @@ static inline float ds_act(float v, int64_t act) {
 
 // Returns {q, norm, sent} (pixel: norm (B, T-1, S) = ||q_t - q_{t-1}||_2 over channels) or
 // {q, stats, sent} (scalar: stats (B, chunks, 2) float64 = sum |d|, count of d != 0); sent
-// (B * T * S uint8, pixel hysteresis only): the pixels sent, for gate_backward.
+// (B * T * S float 0/1, pixel hysteresis only): the pixels sent, for gate_backward.
 std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int64_t act,
                                         bool hyst, bool pixel) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && thr.dtype() == torch::kFloat32, "float32 only");
@@ -205,9 +205,9 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
   torch::Tensor aux = pixel ? torch::empty({B, T - 1, S}, x.options())
                             : torch::zeros({B, nch, 2}, x.options().dtype(torch::kFloat64));
   // pixel hysteresis: which pixels were sent (the backward replays the gate from x with it)
-  torch::Tensor sent = torch::empty({hyst && pixel ? B * T * S : 0},
-                                    x.options().dtype(torch::kUInt8));
-  uint8_t* sp_ = sent.data_ptr<uint8_t>();
+  // (float 0/1, not bytes: a float select vectorises, a byte one becomes a mispredicted branch)
+  torch::Tensor sent = torch::empty({hyst && pixel ? B * T * S : 0}, x.options());
+  float* sp_ = sent.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* tp = thr.data_ptr<float>();
   float* qp = q.data_ptr<float>();
@@ -233,8 +233,8 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
               nan[i] |= m != m;
             }
           }
-          uint8_t* si = sp_ + (b * T + t) * S + s0;
-          for (int64_t i = 0; i < n; ++i) si[i] = (uint8_t)(gt[i] & !nan[i]);
+          float* si = sp_ + (b * T + t) * S + s0;
+          for (int64_t i = 0; i < n; ++i) si[i] = (gt[i] & !nan[i]) ? 1.f : 0.f;
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
             const float* ri = qp + base + c * S - C * S;
@@ -242,7 +242,7 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
             for (int64_t i = 0; i < n; ++i) {
               const float a = ds_act(xi[i], act);
               const float r = t ? ri[i] : 0.f;
-              qi[i] = si[i] ? a : r;
+              qi[i] = si[i] != 0.f ? a : r;
             }
           }
         } else {
@@ -321,7 +321,7 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
                        : torch::empty({0}, x.options().dtype(torch::kFloat64));
   const float* gqp = has_gq ? gq.data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
-  const uint8_t* snp = hyst && pixel ? sent.data_ptr<uint8_t>() : nullptr;
+  const float* snp = hyst && pixel ? sent.data_ptr<float>() : nullptr;
   const float* wp = pixel ? w.data_ptr<float>() : nullptr;
   const float* tp = thr.data_ptr<float>();
   float* gp = gx.data_ptr<float>();
@@ -345,8 +345,11 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
             out[i] = l * tc;
           }
         } else if (pixel) {
-          const uint8_t* si = snp + (b * T + t) * S;
-          for (int64_t i = 0; i < S; ++i) out[i] = si[i] ? ds_act(xi[i], act) : prev[i];
+          const float* si = snp + (b * T + t) * S;
+          for (int64_t i = 0; i < S; ++i) {
+            const float a = ds_act(xi[i], act);
+            out[i] = si[i] != 0.f ? a : prev[i];
+          }
         } else {
           for (int64_t i = 0; i < S; ++i) {
             const float a = ds_act(xi[i], act);
