@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import deltasparse as ds
-from deltasparse.layers import delta as delta_mod
 from deltasparse.engine.kernels import CppBackend
+from deltasparse.layers import delta as delta_mod
 
 pytestmark = pytest.mark.skipif(not CppBackend.available(), reason="the C++ op does not build")
 
@@ -47,14 +47,9 @@ def test_fused_gate_equals_the_torch_path(gate, mode, act, gran, monkeypatch):
     torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_gate_on_feature_vectors_and_with_the_spread_loss(monkeypatch):
-    # (B, T, F) clips (one pixel per sample) and a pixel gate whose loss counts consumer rows
+def test_fused_gate_with_the_spread_loss(monkeypatch):
+    # a pixel gate whose loss counts the consumer rows each change reaches
     torch.manual_seed(1)
-    layer = ds.DeltaActivation(threshold_init=0.3, activation="relu", gate="pixel")
-    x = torch.randn(4, 3, 10)
-    ref, got = _run(layer, x, False, monkeypatch), _run(layer, x, True, monkeypatch)
-    assert torch.equal(ref[0], got[0]) and ref[2] == got[2]
-    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
     layer = ds.DeltaActivation(threshold_init=0.3, activation="relu", gate="pixel",
                                mode="hysteresis")  # fmt: skip
     layer.spread = [{"windows": [((3, 3), (1, 1), (1, 1), (1, 1), False)], "macs_per_row": 90}]
@@ -81,8 +76,36 @@ def test_fused_gate_output_may_be_changed_in_place():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_double_backward_is_an_error_not_a_zero(monkeypatch):
+    layer = ds.DeltaActivation(threshold_init=0.3, activation="relu")
+    x = torch.randn(2, 3, 4, 5, 5, requires_grad=True)
+    assert layer._fused(x)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_unused_loss_with_infinite_activations_gives_the_torch_gradient(monkeypatch):
+    # no loss gradient: no e terms at all (0 * inf would be NaN)
+    x = torch.zeros(1, 3, 2, 4, 4)
+    x[0, 1, 0] = float("inf")
+    grads = []
+    for fused in (False, True):
+        layer = ds.DeltaActivation(threshold_init=0.3, gate="pixel")
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(type(layer), "_fused", lambda self, s: False)
+            xx = x.clone().requires_grad_()
+            layer(xx).sum().backward()
+            grads.append(xx.grad)
+    assert torch.equal(grads[0], grads[1]) and bool(torch.isfinite(grads[1]).all())
+
+
 def test_paths_that_the_fused_gate_does_not_take():
-    x = torch.randn(2, 3, 4, 5)
+    x = torch.randn(2, 3, 4, 5, 5)
+    assert not ds.DeltaActivation()._fused(torch.randn(2, 3, 10))  # (B, T, F): torch path
+    assert not ds.DeltaActivation()._fused(torch.randn(2, 3, 4, 3, 3))  # 9 positions
+    assert not ds.DeltaActivation()._fused(torch.randn(0, 3, 4, 5, 5))  # empty batch
     assert not ds.DeltaActivation(granularity="neuron")._fused(x)
     assert not ds.DeltaActivation(delta_output=True)._fused(x)
     assert not ds.DeltaActivation()._fused(x.double())
@@ -97,7 +120,7 @@ def test_a_failed_build_warns_once_and_trains_on_the_torch_path(monkeypatch):
     monkeypatch.setattr(cpp, "gate_ops", lambda: None)
     monkeypatch.setattr(cpp, "build_error", lambda: "OSError: no compiler")
     layer = ds.DeltaActivation(gate="pixel")
-    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    x = torch.randn(2, 3, 4, 5, 5, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="fused C.. training gate could not be built"):
         y = layer(x)
     (y.sum() + layer.loss).backward()

@@ -227,6 +227,7 @@ def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, to
 
 
 _ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
+_FUSED_MIN_POSITIONS = 16  # smaller maps: the torch path is faster (loops along positions)
 _FUSED: dict = {}
 
 
@@ -278,6 +279,7 @@ class _GateDeltaFused(torch.autograd.Function):
         return q, loss_sum, nonzero
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the C++ backward has no derivative itself
     def backward(ctx, grad_q, grad_loss_sum, _grad_nonzero):
         x, sent, factor, tc = ctx.saved_tensors
         code, hyst, pixel, thr_shape = ctx.cfg
@@ -285,7 +287,8 @@ class _GateDeltaFused(torch.autograd.Function):
         empty = x.new_empty(0)
         gq = empty if grad_q is None else grad_q.float().contiguous()
         gls = 0.0 if grad_loss_sum is None else float(grad_loss_sum)
-        w = (factor * gls).reshape(x.shape[0], x.shape[1] - 1, -1) if pixel else empty
+        has_w = pixel and grad_loss_sum is not None
+        w = (factor * gls).reshape(x.shape[0], x.shape[1] - 1, -1) if has_w else empty
         need_thr = ctx.needs_input_grad[1]
         gx, gthr = bwd(gq, x, sent, w.contiguous(), gls, tc, code, hyst, pixel, need_thr)
         grad_thr = None
@@ -566,9 +569,14 @@ class DeltaActivation(SparsityLayer):
 
     def _fused(self, s: torch.Tensor) -> bool:
         """Whether the clip takes the fused C++ gate (same results as the torch path to float
-        rounding of the loss sums and gradients; the outputs are identical)."""
+        rounding of the loss sums and gradients; the outputs are identical). Its loops run
+        along the positions of a map: ``(B, T, F)`` clips and maps of fewer than 16 positions
+        (e.g. a classifier's features) are faster on the torch path. The fused gate saves its
+        input for the backward: changing that input in place afterwards is an error (as for
+        any op that saves its input)."""
         return (s.device.type == "cpu" and s.dtype == torch.float32 and not self.delta_output
-                and self.granularity != "neuron" and s[0, 0].numel() > 0
+                and self.granularity != "neuron" and s.dim() >= 4 and s.numel() > 0
+                and s[0, 0, 0].numel() >= _FUSED_MIN_POSITIONS
                 and _fused_gate_ops() is not None)  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -30,6 +30,11 @@ def test_build_key_separates_torch_installs():
     assert a != cpp.build_key("2.12.0", "/venvs/a/lib/python3.11/site-packages/torch", "3.11")
     assert a != cpp.build_key("2.13.0", "/venvs/a/lib/python3.11/site-packages/torch", "3.12")
     assert len(a) == 16 and int(a, 16) >= 0
+    # -march=native: another CPU model (a cache shared between machines) builds its own copy
+    path = "/venvs/a/lib/python3.11/site-packages/torch"
+    assert cpp.build_key("2.13.0", path, "3.11", cpu="AMD EPYC") != cpp.build_key(
+        "2.13.0", path, "3.11", cpu="Intel Xeon")
+    assert cpp.build_key("2.13.0", path, "3.11", openmp=False) != a
 
 
 def test_build_dir_follows_the_running_torch(monkeypatch, tmp_path):
@@ -59,13 +64,19 @@ def test_load_builds_into_the_keyed_folder_and_announces_it(monkeypatch, tmp_pat
     monkeypatch.setattr(cpp, "_state", {})
     with caplog.at_level(logging.WARNING, logger=cpp.__name__):
         assert cpp.load() is None
-    (kw,) = seen
+    # with OpenMP first, then (that build failing) without it, into another keyed folder
+    kw, plain = seen
+    assert "-fopenmp" in kw["extra_cflags"] and "-fopenmp" in kw["extra_ldflags"]
+    assert "-fopenmp" not in plain["extra_cflags"] and not plain["extra_ldflags"]
+    assert plain["build_directory"] == str(cpp.build_dir(openmp=False)) != kw["build_directory"]
+    assert any("did not build with OpenMP" in r.getMessage() for r in caplog.records)
     assert kw["build_directory"] == str(cpp.build_dir())
     assert cpp.build_dir().is_dir() and cpp.build_dir().parent == tmp_path / "cpp"
     assert any("building the C++ engine op" in r.getMessage() for r in caplog.records)
     assert cpp.build_error() == "OSError: stop before compiling"
     # built before: no announcement
-    (cpp.build_dir() / f"{kw['name']}.so").write_bytes(b"")
+    for folder in (cpp.build_dir(), cpp.build_dir(openmp=False)):
+        (folder / f"{kw['name']}.so").write_bytes(b"")
     monkeypatch.setattr(cpp, "_state", {})
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=cpp.__name__):

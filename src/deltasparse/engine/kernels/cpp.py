@@ -198,7 +198,7 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
   TORCH_CHECK(x.dim() >= 3 && x.is_contiguous() && thr.is_contiguous(), "x (B, T, C, ...)");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const int64_t S = B * T * C ? x.numel() / (B * T * C) : 0;
-  TORCH_CHECK(thr.numel() == C, "thr (C,)");
+  TORCH_CHECK(thr.numel() == C && T >= 2, "thr (C,), T >= 2");
   auto q = torch::empty_like(x);
   const int64_t CH = 512;
   const int64_t nch = (S + CH - 1) / CH;
@@ -223,7 +223,7 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
           for (int64_t i = 0; i < n; ++i) { gt[i] = 0; nan[i] = 0; }
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
-            const float* ri = qp + base + c * S - C * S;
+            const float* ri = t ? qp + base + c * S - C * S : qp;
             const float tc = tp[c];
             for (int64_t i = 0; i < n; ++i) {
               const float a = ds_act(xi[i], act);
@@ -237,7 +237,7 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
           for (int64_t i = 0; i < n; ++i) si[i] = (gt[i] & !nan[i]) ? 1.f : 0.f;
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
-            const float* ri = qp + base + c * S - C * S;
+            const float* ri = t ? qp + base + c * S - C * S : qp;
             float* qi = qp + base + c * S;
             for (int64_t i = 0; i < n; ++i) {
               const float a = ds_act(xi[i], act);
@@ -248,7 +248,7 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
         } else {
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
-            const float* ri = qp + base + c * S - C * S;
+            const float* ri = t ? qp + base + c * S - C * S : qp;
             float* qi = qp + base + c * S;
             const float tc = tp[c];
             for (int64_t i = 0; i < n; ++i) {
@@ -314,15 +314,19 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
   const int64_t S = B * T * C ? x.numel() / (B * T * C) : 0;
   const bool has_gq = gq.numel() > 0;
   TORCH_CHECK(!has_gq || (gq.is_contiguous() && gq.sizes() == x.sizes()), "gq");
-  TORCH_CHECK(!pixel || (w.is_contiguous() && w.numel() == B * (T - 1) * S), "w");
-  TORCH_CHECK(!(hyst && pixel) || sent.numel() == B * T * S, "sent");
+  // w empty: the loss is not in the graph (no e terms; 0 * inf would make NaN)
+  const bool has_w = pixel && w.numel() > 0;
+  TORCH_CHECK(!has_w || (w.is_contiguous() && w.numel() == B * (T - 1) * S), "w");
+  TORCH_CHECK(!(hyst && pixel) || (sent.is_contiguous() && sent.numel() == B * T * S), "sent");
+  TORCH_CHECK(thr.dtype() == torch::kFloat32 && thr.is_contiguous() && thr.numel() == C && T >= 2,
+              "thr (C,) float32, T >= 2");
   auto gx = torch::empty_like(x);
   auto gthr = need_thr ? torch::zeros({B, C}, x.options().dtype(torch::kFloat64))
                        : torch::empty({0}, x.options().dtype(torch::kFloat64));
   const float* gqp = has_gq ? gq.data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
   const float* snp = hyst && pixel ? sent.data_ptr<float>() : nullptr;
-  const float* wp = pixel ? w.data_ptr<float>() : nullptr;
+  const float* wp = has_w ? w.data_ptr<float>() : nullptr;
   const float* tp = thr.data_ptr<float>();
   float* gp = gx.data_ptr<float>();
   double* gtp = need_thr ? gthr.data_ptr<double>() : nullptr;
@@ -363,20 +367,20 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
       if (T > 1) replay(1, qcur, qnext, lnext);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t off = ((b * T + t) * C + c) * S;
-        const float* w0 = pixel && t ? wp + (b * (T - 1) + t - 1) * S : nullptr;
-        const float* w1 = pixel && t + 1 < T ? wp + (b * (T - 1) + t) * S : nullptr;
+        const float* w0 = has_w && t ? wp + (b * (T - 1) + t - 1) * S : nullptr;
+        const float* w1 = has_w && t + 1 < T ? wp + (b * (T - 1) + t) * S : nullptr;
         float* gi = gp + off;
         if (has_gq) std::memcpy(gi, gqp + off, S * sizeof(float));
         else std::memset(gi, 0, S * sizeof(float));
         // + e_t, then - e_{t+1}: separate loops without branches (they vectorise)
-        if (t && pixel)
+        if (t && has_w)
           for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] + (qcur[i] - qprev[i]) * w0[i];
         if (t && !pixel)
           for (int64_t i = 0; i < S; ++i) {
             const float d = qcur[i] - qprev[i];
             gi[i] = gi[i] + (float)((d > 0.f) - (d < 0.f)) * fg;
           }
-        if (t + 1 < T && pixel)
+        if (t + 1 < T && has_w)
           for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] - (qnext[i] - qcur[i]) * w1[i];
         if (t + 1 < T && !pixel)
           for (int64_t i = 0; i < S; ++i) {
@@ -390,7 +394,7 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
           for (int64_t i = 0; i < S; ++i) tacc[i] = tacc[i] + gi[i] * lcur[i];
         const float* xi = xp + off;
         if (act == 1)
-          for (int64_t i = 0; i < S; ++i) gi[i] = xi[i] > 0.f ? gi[i] : 0.f;
+          for (int64_t i = 0; i < S; ++i) gi[i] = xi[i] <= 0.f ? 0.f : gi[i];  // NaN: passes
         if (act == 2)
           for (int64_t i = 0; i < S; ++i) gi[i] = (xi[i] > 0.f && xi[i] < 6.f) ? gi[i] : 0.f;
         // rotate the three frames: prev <- cur <- next <- q of frame t + 2
@@ -434,28 +438,46 @@ _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
 _VERSION = 7
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
-# compiled without it the loops run on one thread. The library links libgomp.so.1, which
-# resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread count).
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-           "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+# compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
+# which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
+# count). A compiler without OpenMP gets a second build without it (one thread, warned).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_OPENMP = ["-fopenmp"]
 
 
-def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "") -> str:
+def _cpu_name() -> str:
+    """The CPU model (the build is ``-march=native``: a cache shared between machines must not
+    hand one CPU's build to another)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "", *,
+              openmp: bool = True, cpu: str | None = None) -> str:  # fmt: skip
     """A short hash naming the build of one torch install: its version, the folder it is
-    installed in (one per virtual environment) and the Python version."""
+    installed in (one per virtual environment), the Python version, the CPU model and the
+    flags."""
+    flags = _CFLAGS + (_OPENMP if openmp else [])
     text = "\0".join([str(_VERSION), torch_version, str(Path(torch_path).resolve()), python,
-                      hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(_CFLAGS + _LDFLAGS)])
+                      hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(flags),
+                      _cpu_name() if cpu is None else cpu])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_dir() -> Path:
+def build_dir(openmp: bool = True) -> Path:
     """``<cache>/cpp/<build_key>`` for the running torch install."""
     root = os.environ.get("DELTASPARSE_CACHE")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltasparse"
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    key = build_key(torch.__version__, Path(torch.__file__).parent, py)
+    key = build_key(torch.__version__, Path(torch.__file__).parent, py, openmp=openmp)
     return Path(root) / "cpp" / key
 
 
@@ -475,20 +497,29 @@ def load(build: bool = True):
     try:
         from torch.utils.cpp_extension import load_inline
 
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{name}.so").is_file():
-            log.warning("deltasparse: building the C++ engine op (once per torch install, "
-                        "~30 s) in %s", folder)  # fmt: skip
-        load_inline(
-            name=name,
-            cpp_sources=[_SOURCE],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        for openmp in (True, False):
+            folder = build_dir(openmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / f"{name}.so").is_file():
+                log.warning("deltasparse: building the C++ engine op (once per torch install, "
+                            "~30 s) in %s", folder)  # fmt: skip
+            try:
+                load_inline(
+                    name=name,
+                    cpp_sources=[_SOURCE],
+                    extra_cflags=_CFLAGS + (_OPENMP if openmp else []),
+                    extra_ldflags=list(_OPENMP if openmp else []),
+                    build_directory=str(folder),
+                    is_python_module=False,
+                    verbose=False,
+                )
+                break
+            except Exception as exc:
+                if not openmp:
+                    raise
+                log.warning("deltasparse: the C++ ops did not build with OpenMP (%s); trying "
+                            "a build without it (its loops then run on one thread)",
+                            f"{type(exc).__name__}: {exc}".strip()[:300])  # fmt: skip
         op = torch.ops.deltasparse.quant_commit
 
         @torch.library.register_fake("deltasparse::quant_commit")
