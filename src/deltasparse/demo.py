@@ -23,7 +23,8 @@ __all__ = ["DEMO_SETTINGS", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-# Budgets: full ≈ 21 min on 2 CPU cores (bench/results/demo_full_summary.json); quick ≈ 2 min.
+# Budgets: full under 15 min on 2 CPU cores (bench/results/demo_full_summary.json);
+# quick ≈ 2 min.
 DEMO_SETTINGS = {
     "full": {
         "videos": 2000, "classes": 10, "frames": 16, "resolution": 64,
