@@ -29,7 +29,7 @@ DEMO_SETTINGS = {
     "full": {
         "videos": 2000, "classes": 10, "frames": 16, "resolution": 64,
         "model": "dsconvnet", "width": 1.5, "batch_size": 32,
-        "epochs": {"baseline": 12, "l1": 3, "delta": 6},
+        "epochs": {"baseline": 12, "l1": 3, "delta": 13},
         "lr": {"baseline": 3e-3, "l1": 1e-3, "delta": 1e-3},
         "sparsity_weight": {"l1": 2e-4, "delta": 3e-2},
         "threshold_init": 0.15, "threshold_lr_mult": 10.0,
