@@ -3,22 +3,15 @@ is on ``sys.path``)."""
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import torch
 from torch import nn
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the one the C++ build cache is keyed by)."""
+    from deltasparse.engine.kernels.cpp import cpu_name
+
+    return cpu_name()
 
 
 def graphed_model(model: nn.Module, example: torch.Tensor):

@@ -172,12 +172,10 @@ class _GateDelta(torch.autograd.Function):
             df = d.float()
             # the channels' L2 norm; (d*d).sum is ~20x faster than linalg.vector_norm here
             norm = (df * df).sum(2, keepdim=True).sqrt_()
-            loss_sum, factor = _pixel_loss(norm, c, weight_fn)
+            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn)
             # dloss/dd = d * factor: kept as d (an output anyway) and the per-pixel factor,
             # not as a clip-sized product (one pass and one tensor less per layer)
             s = d
-            finite = math.isfinite(loss_sum.item()) if cpu else None
-            nonzero = count_nonzero(norm, finite=finite) * c
         ctx.save_for_backward(levels, s, factor)
         ctx.thr_shape = thr_shape
         ctx.mark_non_differentiable(nonzero)
@@ -209,10 +207,11 @@ class _GateDelta(torch.autograd.Function):
         return g, grad_thr, None, None, None, None
 
 
-def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, ...]:
     """The pixel gate's loss sum ``sum_p W_p ||d_p|| / sqrt(C)`` from the per-pixel delta norms
-    ``(B, T-1, 1, *spatial)``, and the per-pixel factor of its gradient (``dloss/dd = d *
-    factor``; float32, zero where nothing changed: sqrt(C)/norm overflows half precision).
+    ``(B, T-1, 1, *spatial)``, the per-pixel factor of its gradient (``dloss/dd = d *
+    factor``; float32, zero where nothing changed: sqrt(C)/norm overflows half precision) and
+    the count of changed scalars (the changed pixels times ``C``).
     ``W_p = C`` (the plain group loss, times the layer's fan-out outside), or what ``weight_fn``
     gives (the executed MACs a change of pixel p triggers in the consumers, see
     :attr:`DeltaActivation.spread`)."""
@@ -223,7 +222,9 @@ def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, to
     else:
         loss_sum = (w * norm).sum() / math.sqrt(c)
         factor = w / (math.sqrt(c) * norm.clamp_min(1e-30))
-    return loss_sum, torch.where(norm > 0, factor, 0.0)
+    finite = math.isfinite(loss_sum.item()) if norm.device.type == "cpu" else None
+    nonzero = count_nonzero(norm, finite=finite) * c
+    return loss_sum, torch.where(norm > 0, factor, 0.0), nonzero
 
 
 _ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
@@ -265,9 +266,7 @@ class _GateDeltaFused(torch.autograd.Function):
         factor = None
         if pixel:
             norm = aux.view(b, t - 1, 1, *x.shape[3:])
-            loss_sum, factor = _pixel_loss(norm, c, weight_fn)
-            finite = math.isfinite(loss_sum.item())
-            nonzero = count_nonzero(norm, finite=finite) * c
+            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn)
         else:
             sums = aux.sum((0, 1))  # float64: sum |d|, count of d != 0
             loss_sum, nonzero = sums[0].float(), sums[1].round().to(torch.int64)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_dir", "build_error", "build_key", "gate_ops", "load",
-           "quant_commit"]
+__all__ = ["available", "build_dir", "build_error", "build_key", "cpu_name", "gate_ops",
+           "load", "quant_commit"]
 
 log = logging.getLogger(__name__)
 
@@ -445,18 +445,19 @@ _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno
 _OPENMP = ["-fopenmp"]
 
 
-def _cpu_name() -> str:
-    """The CPU model (the build is ``-march=native``: a cache shared between machines must not
-    hand one CPU's build to another)."""
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows. Part of the
+    build key (the build is ``-march=native``: a cache shared between machines must not hand
+    one CPU's build to another); the benchmarks record it too."""
+    import platform
+
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
-    return f"{platform.machine()} {platform.processor()}"
+    return platform.processor() or platform.machine()
 
 
 def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "", *,
@@ -467,7 +468,7 @@ def build_key(torch_version: str, torch_path: str | os.PathLike, python: str = "
     flags = _CFLAGS + (_OPENMP if openmp else [])
     text = "\0".join([str(_VERSION), torch_version, str(Path(torch_path).resolve()), python,
                       hashlib.sha256(_SOURCE.encode()).hexdigest(), " ".join(flags),
-                      _cpu_name() if cpu is None else cpu])  # fmt: skip
+                      cpu_name() if cpu is None else cpu])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
