@@ -101,3 +101,70 @@ def test_cpp_hysteresis_epilogue_equals_torch(gate, thr_mode, sparse):
                             True, gate)  # fmt: skip
     assert torch.equal(got_buf, want_buf)
     assert torch.equal(mask, want_changed)
+
+
+@pytest.mark.parametrize("gate", [0, 1, 2])
+@pytest.mark.parametrize("thr_mode", [1, 2, 3])
+@pytest.mark.parametrize("c", [3, 5])
+def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c):
+    """frame_gate (store the NCHW frame's rows and gate them, one pass) == the input op's
+    copy followed by quant_commit over every row."""
+    from deltasparse.engine.kernels import cpp
+
+    if not cpp.available():
+        pytest.skip("the C++ engine op is not available here")
+    g = torch.Generator().manual_seed(gate * 100 + thr_mode * 10 + c)
+    b, h, w = 2, 3, 4
+    p, hw = b * h * w, h * w
+    frame0 = torch.rand(b, c, h, w, generator=g)
+    thr = {1: torch.tensor([0.1]), 2: 0.05 + 0.2 * torch.rand(c, generator=g),
+           3: 0.05 + 0.2 * torch.rand(hw * c, generator=g)}[thr_mode]  # fmt: skip
+    e = torch.empty(0)
+    buf = torch.zeros(p + 1, c)  # the state after frame0
+    cpp.quant_commit(frame0.permute(0, 2, 3, 1).reshape(p, c).contiguous(), buf, e.long(), e,
+                     0.0, 0.9, thr, thr_mode, hw, False, gate)  # fmt: skip
+    frame = frame0.clone()
+    frame[:, :, :, : w // 2] += 0.5 * torch.randn(b, c, h, w // 2, generator=g)  # half moves
+    rows = torch.zeros(p + 1, c)
+    rows[:p] = frame.permute(0, 2, 3, 1).reshape(p, c)
+    want_buf = buf.clone()
+    want = cpp.quant_commit(rows[:p].contiguous(), want_buf, e.long(), e, 0.0, 0.9, thr,
+                            thr_mode, hw, True, gate)  # fmt: skip
+    got_in, got_buf = torch.full((p + 1, c), 7.0), buf.clone()
+    got_in[-1] = 0
+    mask = torch.ops.deltasparse.frame_gate(frame, got_in, got_buf, 0.0, 0.9, thr, thr_mode, hw,
+                                            True, gate)  # fmt: skip
+    assert torch.equal(got_in, rows)  # the input's state: the frame as rows, padding row zero
+    assert torch.equal(got_buf, want_buf)
+    assert torch.equal(mask, want)
+    assert 0 < int(mask.sum()) < p  # some pixels sent, some kept
+
+
+def test_engine_fuses_the_input_gate_on_cpp():
+    """With the C++ backend the input gate runs fused with storing the frame (InputGateOp);
+    outputs, the stored input and the counts equal the torch backend's on every frame."""
+    from deltasparse.engine.kernels import CppBackend
+    from deltasparse.engine.ops import InputGateOp
+
+    if not CppBackend.available():
+        pytest.skip("the C++ engine op is not available here")
+    frames = list(synthetic_stream(10, (2, 3, 32, 32), noise=0.01, seed=4))
+    gm = _model("pixel", "hysteresis", frames)
+    xo = dict(CppBackend.crossover)  # the same row selection on both
+    fused = ds.DeltaEngine(gm, backend="cpp", crossover=xo)
+    plain = ds.DeltaEngine(gm, backend="torch", crossover=xo)
+    with torch.no_grad():
+        for f in frames:
+            a, b = fused.step(f), plain.step(f)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            va, vb = fused.values(), plain.values()
+            assert va.keys() == vb.keys()
+            x = next(iter(gm.graph.nodes)).name
+            assert torch.equal(va[x], f) and torch.equal(vb[x], f)
+    ops = fused._runtime.ops
+    assert isinstance(ops[0], InputGateOp) and not any(
+        isinstance(o, InputGateOp) for o in plain._runtime.ops)
+    sa, sb = fused.stats.to_dict(), plain.stats.to_dict()
+    assert sa["effective_macs"] == sb["effective_macs"]
+    ia, ib = (next(r for r in s["layers"] if r["kind"] == "pointwise") for s in (sa, sb))
+    assert ia["output_density"] == ib["output_density"] > 0

@@ -22,7 +22,7 @@ import torch
 from .kernels import Backend, ConvSpec, LinearSpec, PoolSpec
 from .plan import ChainOp
 
-__all__ = ["OpStats", "RuntimeOp", "Value"]
+__all__ = ["InputGateOp", "OpStats", "RuntimeOp", "Value"]
 
 _EMPTY = torch.empty(0)
 
@@ -353,6 +353,10 @@ class InputOp(RuntimeOp):
     # False when every consumer of the frame is a gate that examines all pixels anyway (an
     # input gate): finding the changed pixels first would only cost a pass.
     detect: bool = True
+    # True when the one reader is an InputGateOp, which stores the frame's rows itself (in
+    # the same pass as its gate): this op only hands the frame on.
+    deferred: bool = False
+    frame: torch.Tensor | None = None
 
     def set_frame(self, frame: torch.Tensor, first: bool) -> None:
         """Store the frame as rows; the changed pixels are found on the NCHW frame itself so
@@ -362,7 +366,11 @@ class InputOp(RuntimeOp):
         b, c = frame.shape[:2]
         st = self.stats
         st.frames += 1
-        if first or self.prev is None or not self.detect:
+        if self.deferred:
+            self.frame = frame.contiguous()
+            v.changed = None
+            st.changed_out += v.rows
+        elif first or self.prev is None or not self.detect:
             v.buf[: v.rows].copy_(frame.permute(0, 2, 3, 1).reshape(v.rows, c))
             if self.detect:
                 self.prev = frame.contiguous().clone()
@@ -397,6 +405,27 @@ class PointwiseOp(RuntimeOp):
             view = x[: self.out.rows]
             return view if self.backend.finish_reads_only(self.chain, view) else view.clone()
         return x.index_select(0, rows)
+
+
+class InputGateOp(PointwiseOp):
+    """A gate right on the input pixels, the input op's only reader, fused with storing the
+    frame (the C++ backend's ``frame_gate``: one pass over the NCHW frame instead of a
+    transposing copy and a pass over all rows). Every pixel is examined each frame, as
+    :class:`PointwiseOp` does when the input op does not detect changes."""
+
+    def __init__(self, *a, source: InputOp, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.source = source
+        source.deferred = True
+
+    def run(self, first: bool) -> None:
+        t0 = time.perf_counter()
+        self.plan(first)  # the input's changed rows are None: every pixel, as PointwiseOp
+        out = self.out
+        out.changed = self.backend.frame_gate(self.source.frame, self.inputs[0], out,
+                                              self.chain, first)  # fmt: skip
+        self.stats.changed_out += out.rows if first else int(out.changed.numel())
+        self.stats.time_s += time.perf_counter() - t0
 
 
 class LinearOp(RuntimeOp):

@@ -13,6 +13,7 @@ from .ops import (
     Chain,
     ConvOp,
     FallbackOp,
+    InputGateOp,
     InputOp,
     LinearOp,
     PointwiseOp,
@@ -340,4 +341,10 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
     readers = [o for o in ops if any(v.state is input_op.out.state for v in o.inputs)]
     if readers and all(isinstance(o, PointwiseOp) and o.chain.gated for o in readers):
         input_op.detect = False  # an input gate examines every pixel itself
+        gate = readers[0]
+        fuses = getattr(backend, "fuses_frame_gate", None)
+        if len(readers) == 1 and fuses is not None and fuses(gate.chain, dtype):
+            fused = InputGateOp(gate.name, gate.kind, gate.inputs, gate.out, gate.chain,
+                                backend=backend, crossover=crossover, source=input_op)  # fmt: skip
+            ops[ops.index(gate)] = fused
     return Runtime(input_op, ops, output, values, dense_bytes, geoms)

@@ -1,8 +1,8 @@
 """The C++ engine ops (``torch.ops.deltasparse``) against the reference, and their build cache.
 
 ``quant_commit`` (bias -> clamp -> quantise or hysteresis gate -> compare -> write back) is
-checked against the same steps written in torch ops, ``depthwise_rows`` against the
-``reference`` backend, over threshold modes x gates x bias x compare x row selections x
+checked against the same steps written in torch ops, ``window_rows`` (depthwise conv and max
+pooling at listed or all rows) against the ``reference`` backend, over threshold modes x gates x bias x compare x row selections x
 shapes, with fresh random inputs and the rows that must not be written poisoned. The build key is tested without compiling.
 """
 
@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from deltasparse.engine.kernels import ConvSpec, CppBackend, ReferenceBackend, WindowGeom, cpp
+from deltasparse.engine.kernels import (ConvSpec, CppBackend, PoolSpec, ReferenceBackend,
+                                        WindowGeom, cpp)
 from deltasparse.engine.kernels.geometry import out_size
 
 needs_cpp = pytest.mark.skipif(not CppBackend.available(), reason="the C++ op does not build here")
@@ -185,8 +186,34 @@ def test_depthwise_rows_matches_reference(k, s, pad, d, c, frac):
     n = max(1, int(geom.p_out * frac))
     rows = torch.randperm(geom.p_out, generator=g)[:n].sort().values
     want = ReferenceBackend().depthwise(x, spec, rows)
-    got = torch.ops.deltasparse.depthwise_rows(x, geom.taps, spec.w_taps, rows)
+    got = torch.ops.deltasparse.window_rows(x, geom.taps, spec.w_taps, rows, False, 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(CppBackend().depthwise(x, spec, rows), want, rtol=1e-5, atol=1e-5)
-    empty = torch.ops.deltasparse.depthwise_rows(x, geom.taps, spec.w_taps, rows[:0])
+    empty = torch.ops.deltasparse.window_rows(x, geom.taps, spec.w_taps, rows[:0], False, 0)
     assert empty.shape == (0, c)
+    every = CppBackend().depthwise(x, spec, None)  # every row: the same kernel
+    torch.testing.assert_close(every, ReferenceBackend().depthwise(x, spec, None), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    assert torch.equal(every[rows], got)  # bit for bit as the sparse rows
+
+
+# -- max pooling rows ------------------------------------------------------------------------------
+@needs_cpp
+@pytest.mark.parametrize("k,s,pad,ceil", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True),
+                                           (3, 1, 1, False), (2, 2, 0, True)])  # fmt: skip
+@pytest.mark.parametrize("c", [3, 64, 70])
+def test_max_pool_rows_match_reference(k, s, pad, ceil, c):
+    g = torch.Generator().manual_seed(hash((k, s, pad, ceil, c)) % 2**31)
+    b, h, w = 2, 9, 7
+    ho, wo = out_size(h, k, s, pad, 1, ceil), out_size(w, k, s, pad, 1, ceil)
+    geom = WindowGeom(b, (h, w), (ho, wo), (k, k), (s, s), (pad, pad), (1, 1))
+    spec = PoolSpec(geom, "max", ceil)
+    x = torch.randn(geom.p_in + 1, c, generator=g) - 3.0  # mostly negative: padding must not win
+    x[-1] = 0  # the padding row
+    x[5, 1] = float("nan")  # a NaN wins its windows, as in F.max_pool2d
+    ref = ReferenceBackend().pool(x, spec, None)
+    every = CppBackend().pool(x, spec, None)
+    torch.testing.assert_close(every, ref, rtol=0, atol=0, equal_nan=True)
+    rows = torch.randperm(geom.p_out, generator=g)[: max(1, geom.p_out // 3)].sort().values
+    torch.testing.assert_close(CppBackend().pool(x, spec, rows), ref[rows], rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip

@@ -147,31 +147,137 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   return changed;
 }
 
-// Depthwise conv at the listed output rows: y[i, c] = sum_j x[taps[rows[i], j], c] * w[j, c].
-// x (P_in + 1, C) float32 (last row zero: padding taps point there); taps (P_out, k2) int64;
-// w (k2, C). One output row reads k2 input rows of C contiguous floats (no im2col copy).
-torch::Tensor depthwise_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
-                             torch::Tensor rows) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(x.is_contiguous() && taps.is_contiguous() && w.is_contiguous(), "contiguous only");
-  const int64_t C = x.size(1), k2 = taps.size(1), n = rows.size(0);
+// The input gate fused with storing the frame: frame (B, C, S) float32 (NCHW, S = H*W);
+// every pixel's channels are written to its row of in_buf (P + 1, C) (the input's state, as
+// a copy would) and run through the epilogue of quant_commit into buf (P + 1, C), in one
+// pass over the frame (in chunks that stay in cache). Returns the changed mask (P,).
+template <int MODE, bool CMP, int GATE>
+static void frame_all(const float* fp, float* ip, float* bp, const float* tp, bool* cp,
+                      int64_t B, int64_t C, int64_t S, int64_t hw, float lo, float hi) {
+  const int64_t P = B * S;
+  const int64_t grain = std::max<int64_t>(64, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    int64_t b = begin / S, s = begin % S;  // no divisions per pixel
+    int64_t pos = MODE == 3 ? begin % hw : 0;
+    for (int64_t r = begin; r < end; ++r) {
+      float* zi = ip + r * C;
+      const float* fi = fp + b * C * S + s;
+      if (C == 3) {  // RGB: constant trip counts
+        zi[0] = fi[0]; zi[1] = fi[S]; zi[2] = fi[2 * S];
+        const float* ti = MODE == 3 ? tp + pos * 3 : tp;
+        cp[r] = commit_row<MODE, false, CMP, GATE>(zi, bp + r * 3, nullptr, ti, 3, lo, hi);
+      } else {
+        for (int64_t c = 0; c < C; ++c) zi[c] = fi[c * S];
+        const float* ti = MODE == 3 ? tp + pos * C : tp;
+        cp[r] = commit_row<MODE, false, CMP, GATE>(zi, bp + r * C, nullptr, ti, C, lo, hi);
+      }
+      if (++s == S) { s = 0; ++b; }
+      if (MODE == 3 && ++pos == hw) pos = 0;
+    }
+  });
+}
+
+torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tensor buf,
+                         double lo, double hi, torch::Tensor thr, int64_t thr_mode, int64_t hw,
+                         bool compare, int64_t gate) {
+  TORCH_CHECK(frame.dtype() == torch::kFloat32 && in_buf.dtype() == torch::kFloat32 &&
+              buf.dtype() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(frame.dim() == 4 && frame.is_contiguous() && in_buf.is_contiguous() &&
+              buf.is_contiguous(), "frame (B, C, H, W), contiguous tensors only");
+  const int64_t B = frame.size(0), C = frame.size(1), S = frame.size(2) * frame.size(3);
+  TORCH_CHECK(in_buf.dim() == 2 && in_buf.size(0) == B * S + 1 && in_buf.size(1) == C &&
+              buf.sizes() == in_buf.sizes(), "in_buf, buf (B*H*W + 1, C)");
+  TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
+  TORCH_CHECK(thr_mode == 0 || thr.dtype() == torch::kFloat32, "thr float32");
+  auto changed = torch::zeros({B * S}, frame.options().dtype(torch::kBool));
+  const float* fp = frame.data_ptr<float>();
+  float* ip = in_buf.data_ptr<float>();
+  float* bp = buf.data_ptr<float>();
+  const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
+  bool* cp = changed.data_ptr<bool>();
+  const float flo = (float)lo, fhi = (float)hi;
+#define DS_FCASE(M, G)                                                                     \
+  if (thr_mode == M && gate == G) {                                                        \
+    if (compare) frame_all<M, true, G>(fp, ip, bp, tp, cp, B, C, S, hw, flo, fhi);         \
+    else frame_all<M, false, G>(fp, ip, bp, tp, cp, B, C, S, hw, flo, fhi);                \
+  }
+  DS_FCASE(0, 0) DS_FCASE(1, 0) DS_FCASE(2, 0) DS_FCASE(3, 0)
+  DS_FCASE(1, 1) DS_FCASE(2, 1) DS_FCASE(3, 1) DS_FCASE(1, 2) DS_FCASE(2, 2) DS_FCASE(3, 2)
+#undef DS_FCASE
+  return changed;
+}
+
+// Window ops at output rows (the listed `rows`, or every row when `all`): mode 0 depthwise
+// conv y[i, c] = sum_j x[taps[r, j], c] * w[j, c] (fused multiply-adds, taps in order);
+// mode 1 max pooling y[i, c] = max_j x[taps[r, j], c] over the valid taps (padding taps point
+// to the last row of x and are skipped; a NaN wins, as in F.max_pool2d). x (P_in + 1, C)
+// float32 (last row zero); taps (P_out, k2) int64; w (k2, C) (mode 0). One output row reads
+// k2 input rows of C contiguous floats (no im2col copy); channels in blocks of 64 kept in
+// registers across the taps.
+template <int MODE, int CB>
+static inline void window_block(const float* __restrict xp, const int64_t* __restrict ti,
+                                const float* __restrict wp, float* __restrict yi, int64_t C,
+                                int64_t c0, int64_t cn, int64_t k2, int64_t pad) {
+  // CB > 0: a block of CB channels (a constant trip count: the sums stay in registers
+  // across the taps); CB == 0: the last cn channels
+  const int64_t m = CB > 0 ? CB : cn;
+  float acc[CB > 0 ? CB : 16];
+  if (MODE == 0) {
+    const float* x0 = xp + ti[0] * C + c0;
+    const float* w0 = wp + c0;
+    for (int64_t c = 0; c < m; ++c) acc[c] = x0[c] * w0[c];
+    for (int64_t j = 1; j < k2; ++j) {
+      const float* xj = xp + ti[j] * C + c0;
+      const float* wj = wp + j * C + c0;
+      for (int64_t c = 0; c < m; ++c) acc[c] = std::fma(xj[c], wj[c], acc[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < m; ++c) acc[c] = -INFINITY;
+    for (int64_t j = 0; j < k2; ++j) {
+      if (ti[j] == pad) continue;
+      const float* xj = xp + ti[j] * C + c0;
+      for (int64_t c = 0; c < m; ++c) {
+        const float v = xj[c];
+        acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < m; ++c) yi[c0 + c] = acc[c];
+}
+
+template <int MODE>
+static inline void window_row(const float* xp, const int64_t* ti, const float* wp, float* yi,
+                              int64_t C, int64_t k2, int64_t pad) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= C; c0 += 32) window_block<MODE, 32>(xp, ti, wp, yi, C, c0, 32, k2, pad);
+  for (; c0 + 16 <= C; c0 += 16) window_block<MODE, 16>(xp, ti, wp, yi, C, c0, 16, k2, pad);
+  if (c0 < C) window_block<MODE, 0>(xp, ti, wp, yi, C, c0, C - c0, k2, pad);
+}
+
+torch::Tensor window_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
+                          torch::Tensor rows, bool all, int64_t mode) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x (P_in + 1, C) float32");
+  TORCH_CHECK(taps.dtype() == torch::kInt64 && taps.dim() == 2, "taps (P_out, k2) int64");
+  TORCH_CHECK(x.is_contiguous() && taps.is_contiguous(), "contiguous only");
+  TORCH_CHECK(mode == 0 || mode == 1, "mode 0 (depthwise) or 1 (max)");
+  const int64_t C = x.size(1), k2 = taps.size(1), pad = x.size(0) - 1;
+  TORCH_CHECK(mode == 1 || (w.dtype() == torch::kFloat32 && w.is_contiguous() &&
+                            w.size(0) == k2 && w.size(1) == C), "w (k2, C) float32");
+  TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
+  const int64_t n = all ? taps.size(0) : rows.size(0);
   auto y = torch::empty({n, C}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const float* wp = mode == 0 ? w.data_ptr<float>() : nullptr;
   const int64_t* tp = taps.data_ptr<int64_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* rp = all ? nullptr : rows.data_ptr<int64_t>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(C * k2 / 9, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t* ti = tp + (rp ? rp[i] : i) * k2;
       float* yi = yp + i * C;
-      const int64_t* ti = tp + rp[i] * k2;
-      for (int64_t c = 0; c < C; ++c) yi[c] = 0.f;
-      for (int64_t j = 0; j < k2; ++j) {
-        const float* xj = xp + ti[j] * C;
-        const float* wj = wp + j * C;
-        for (int64_t c = 0; c < C; ++c) yi[c] = yi[c] + xj[c] * wj[c];
-      }
+      if (mode == 0) window_row<0>(xp, ti, wp, yi, C, k2, pad);
+      else window_row<1>(xp, ti, wp, yi, C, k2, pad);
     }
   });
   return y;
@@ -418,7 +524,9 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
 }
 
 TORCH_LIBRARY(deltasparse, m) {
-  m.def("depthwise_rows(Tensor x, Tensor taps, Tensor w, Tensor rows) -> Tensor");
+  m.def("frame_gate(Tensor frame, Tensor(a!) in_buf, Tensor(b!) buf, float lo, float hi, "
+        "Tensor thr, int thr_mode, int hw, bool compare, int gate) -> Tensor");
+  m.def("window_rows(Tensor x, Tensor taps, Tensor w, Tensor rows, bool all, int mode) -> Tensor");
   m.def("quant_commit(Tensor z, Tensor(a!) buf, Tensor rows, Tensor bias, float lo, float hi, "
         "Tensor thr, "
         "int thr_mode, int hw, bool compare, int gate=0) -> Tensor");
@@ -428,7 +536,8 @@ TORCH_LIBRARY(deltasparse, m) {
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
-  m.impl("depthwise_rows", &depthwise_rows);
+  m.impl("window_rows", &window_rows);
+  m.impl("frame_gate", &frame_gate);
   m.impl("gate_forward", &gate_forward);
   m.impl("gate_backward", &gate_backward);
 }
@@ -436,7 +545,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 7
+_VERSION = 8
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
@@ -527,9 +636,13 @@ def load(build: bool = True):
         def _fake(z, buf, rows, bias, lo, hi, thr, thr_mode, hw, compare, gate=0):
             return z.new_empty(z.shape[0], dtype=torch.bool)
 
-        @torch.library.register_fake("deltasparse::depthwise_rows")
-        def _fake_dw(x, taps, w, rows):
-            return x.new_empty(rows.shape[0], x.shape[1])
+        @torch.library.register_fake("deltasparse::frame_gate")
+        def _fake_frame(frame, in_buf, buf, lo, hi, thr, thr_mode, hw, compare, gate):
+            return frame.new_empty(in_buf.shape[0] - 1, dtype=torch.bool)
+
+        @torch.library.register_fake("deltasparse::window_rows")
+        def _fake_window(x, taps, w, rows, all, mode):
+            return x.new_empty(taps.shape[0] if all else rows.shape[0], x.shape[1])
 
     except Exception as exc:  # no compiler, no headers, sandbox: fall back to torch ops
         # Not warned here: the engine that wanted the op warns and lists it in its stats.

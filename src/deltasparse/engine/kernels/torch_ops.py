@@ -177,10 +177,11 @@ class CppBackend(TorchBackend):
 
     name = "cpp"
     defers_bias = True  # added inside the fused epilogue (saves a pass)
-    # The C++ depthwise kernel reads the k^2 taps in place: dense wins above ~30% on MobileNet
-    # v1's layer shapes, but already above ~15% with few channels (32 at 32x32: the per-row
-    # work is too small to hide the gathers); 0.15 is right for both within ~10%.
-    crossover = {**TorchBackend.crossover, "depthwise": 0.15}
+    # The C++ depthwise kernel reads the k^2 taps in place, with the sums of 16-32 channels in
+    # registers: 20% of the rows cost 0.57-0.70x oneDNN's dense conv on the demo model's
+    # shapes (64 streams of 32x32x48, 16x16x96, 8x8x192; 2 threads), so dense wins above
+    # ~30-35%; the demo's delta model streams fastest at 0.35 (0.15: 12% slower).
+    crossover = {**TorchBackend.crossover, "depthwise": 0.35}
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)
@@ -200,13 +201,37 @@ class CppBackend(TorchBackend):
         return torch.device(device).type == "cpu" and cpp.available()
 
     def depthwise(self, x, spec, rows):
+        # every row: oneDNN's dense depthwise conv (~2.4x faster than the row kernel there)
         if rows is None or x.dtype != torch.float32:
             return super().depthwise(x, spec, rows)
-        return torch.ops.deltasparse.depthwise_rows(x, spec.geom.taps, spec.w_taps, rows)
+        return self._window(x, spec, rows, spec.w_taps, 0)
+
+    def pool(self, x, spec, rows):
+        if x.dtype != torch.float32 or spec.mode != "max":
+            return super().pool(x, spec, rows)
+        return self._window(x, spec, rows, _NO_BIAS, 1)
+
+    @staticmethod
+    def _window(x, spec, rows, w, mode: int):
+        r = _NO_ROWS if rows is None else rows
+        return torch.ops.deltasparse.window_rows(x, spec.geom.taps, w, r, rows is None, mode)
 
     def finish_reads_only(self, chain, z) -> bool:
         # quant_commit reads z and writes the state; the torch fallback modifies z
         return chain.fused is not None and z.dtype == torch.float32 and z.is_contiguous()
+
+    def fuses_frame_gate(self, chain, dtype) -> bool:
+        """Whether :meth:`frame_gate` runs this input gate (its chain fused, float32)."""
+        return chain.fused is not None and dtype == torch.float32
+
+    def frame_gate(self, frame, inp, out, chain, first: bool):
+        """Store ``frame`` (NCHW) as the rows of ``inp`` and gate every pixel into ``out``, in
+        one C++ pass: what the input op's copy and the gate's :meth:`finish` over all rows do
+        (the changed rows of ``out``; None on the first frame)."""
+        lo, hi, thr, mode, gate = chain.fused
+        mask = torch.ops.deltasparse.frame_gate(frame, inp.buf, out.buf, lo, hi, thr, mode,
+                                                chain.hw, not first, gate)  # fmt: skip
+        return None if first else mask.nonzero().squeeze(1)
 
     def finish(self, out, rows, z, chain, first, bias=None):
         if z.dtype != torch.float32 or not z.is_contiguous():
