@@ -14,8 +14,14 @@ import math
 import pytest
 import torch
 
-from deltasparse.engine.kernels import (ConvSpec, CppBackend, PoolSpec, ReferenceBackend,
-                                        WindowGeom, cpp)
+from deltasparse.engine.kernels import (
+    ConvSpec,
+    CppBackend,
+    PoolSpec,
+    ReferenceBackend,
+    WindowGeom,
+    cpp,
+)
 from deltasparse.engine.kernels.geometry import out_size
 
 needs_cpp = pytest.mark.skipif(not CppBackend.available(), reason="the C++ op does not build here")
