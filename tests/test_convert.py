@@ -325,3 +325,115 @@ def test_a_model_without_selected_activations_is_refused_with_the_fix():
     assert len(_fan_outs(ds.convert(Mixed()))) == 4
     only_input = ds.convert(Mixed(), ds.DeltaConfig(on_input=True, overrides=skip_all))
     assert set(_fan_outs(only_input)) == {"input_delta"}
+
+
+# -- pixel gates take over the ReLU/ReLU6 before them (DeltaConfig.absorb_activation) ---------
+class _Shared(nn.Module):
+    """``relu_()`` as a method, and a pre-activation that also feeds a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv0(x).relu_()  # absorbable: conv0's output feeds only the relu_
+        a = self.conv1(h)
+        y = self.act(a) + a  # not absorbable: `a` also feeds the add
+        return self.fc(y.mean((2, 3)))
+
+
+def _pixel_pair(make, **kw):
+    """The same model converted with and without absorption, sharing nothing, equal weights."""
+    torch.manual_seed(0)
+    base = make()
+    out = []
+    for absorb in (True, False):
+        m = ds.VideoModel(_clone(base))
+        cfg = ds.DeltaConfig(gate="pixel", threshold_init=0.05, sparsity_weight=0.1,
+                             absorb_activation=absorb, **kw)  # fmt: skip
+        out.append(ds.convert(m, cfg, example_input=torch.randn(1, 3, 8, 8)))
+    out[1].load_state_dict(out[0].state_dict())
+    return out
+
+
+def _clone(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_pixel_gates_absorb_the_activation_before_them():
+    absorbed, plain = _pixel_pair(Mixed)
+    acts = {n.split(".")[-1]: m.activation for n, m in sparsity_layers(absorbed)}
+    assert acts == {"relu_delta": "relu", "act1_delta": "relu", "act2_delta": "relu6",
+                    "act3_delta": "relu"}  # fmt: skip
+    assert all(m.activation is None for _, m in sparsity_layers(plain))
+    calls = {n.target for n in absorbed.frame_model.graph.nodes if n.op == "call_module"}
+    assert not calls & {"act1", "act2", "act3"}
+    assert F.relu not in {n.target for n in absorbed.frame_model.graph.nodes}
+    assert _fan_outs(absorbed) == _fan_outs(plain)
+    shared, _ = _pixel_pair(_Shared)
+    acts = {n.split(".")[-1]: m.activation for n, m in sparsity_layers(shared)}
+    assert acts == {"relu__delta": "relu", "act_delta": None}
+    assert "act" in {n.target for n in shared.frame_model.graph.nodes if n.op == "call_module"}
+    # the scalar layer keeps the paper's placement (DESIGN.md section 1)
+    scalar = ds.convert(Mixed(), ds.DeltaConfig())
+    assert all(m.activation is None for _, m in sparsity_layers(scalar))
+
+
+@pytest.mark.parametrize("make", [Mixed, _Shared], ids=["mixed", "shared"])
+@pytest.mark.parametrize("mode", ["grid", "hysteresis"])
+def test_absorbed_activation_trains_like_the_activation_then_the_gate(make, mode):
+    absorbed, plain = _pixel_pair(make, mode=mode)
+    x = torch.randn(2, 4, 3, 8, 8) * 2
+    results = []
+    for video in (absorbed, plain):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same dropout mask
+        logits = video(xi)
+        loss = logits.square().sum() + ds.sparsity_loss(video)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in video.named_parameters()}
+        results.append((logits.detach(), ds.sparsity_loss(video).detach(), xi.grad, grads))
+    (la, sa, xa, ga), (lp, sp, xp, gp) = results
+    assert torch.equal(la, lp)
+    torch.testing.assert_close(sa, sp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(xa, xp, rtol=1e-5, atol=1e-7)
+    assert ga.keys() == gp.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gp[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("make", [Mixed, _Shared], ids=["mixed", "shared"])
+def test_revert_puts_the_absorbed_activation_back(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    def calls(g):  # the graph, its nodes' arguments as positions
+        pos = {n: i for i, n in enumerate(g.graph.nodes)}
+        return [(n.op, n.target, fx.node.map_arg(n.args, pos.get), n.kwargs)
+                for n in g.graph.nodes]  # fmt: skip
+
+    want = calls(ds._graph.trace(_clone(model)))
+    gm = ds.convert(model, ds.DeltaConfig(gate="pixel")).eval()
+    assert any(m.absorbed for _, m in sparsity_layers(gm))
+    ds.revert(gm)
+    assert calls(gm) == want
+    torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
+
+
+def test_engine_streams_an_absorbed_model_as_the_unabsorbed_one():
+    absorbed, plain = _pixel_pair(Mixed)
+    engines = [ds.DeltaEngine(m.eval(), "torch") for m in (absorbed, plain)]
+    frames = torch.randn(6, 1, 3, 8, 8).cumsum(0) * 0.3
+    for f in frames:
+        with torch.no_grad():
+            want = absorbed.frame_model(f)
+        outs = [e.step(f) for e in engines]
+        assert torch.equal(outs[0], outs[1])
+        torch.testing.assert_close(outs[0], want, rtol=1e-4, atol=1e-4)
+    assert engines[0].stats.effective_macs == engines[1].stats.effective_macs

@@ -26,7 +26,9 @@ __all__ = ["DeltaConfig", "convert", "revert"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_VERSION = 3  # 2: gate and mode; 3: token gates (kind="token", policy, k, fraction)
+# 2: gate and mode; 3: token gates (kind="token", policy, k, fraction). absorb_activation
+# (a field with a default; an older reader names it as unknown) did not change the version.
+CONFIG_VERSION = 3
 _KINDS = ("delta", "l1", "token")
 _DELTA_OPTIONS = {
     "granularity",
@@ -68,6 +70,13 @@ class DeltaConfig:
         overrides: per-layer options keyed by the activation's module name (or node name
             for functional calls, ``"input"`` for the input layer); ``{"skip": True}`` leaves a
             site out.
+        absorb_activation: for pixel gates (``kind="delta"``, ``gate="pixel"``) that sit after a
+            ``ReLU``/``ReLU6`` (module or functional) which is the sole user of its input, the
+            gate takes the activation's input and applies it itself (``activation="relu"`` /
+            ``"relu6"``), so that training runs the activation, quantiser and loss in one fused
+            pass. Outputs and gradients are those of the activation followed by the gate
+            (torch's ReLU/ReLU6 masks); :func:`revert` puts the activation back. Sites with
+            their own ``activation``, ``sigma`` or ``delta_output`` are left as they are.
         Other fields are the layer options of :class:`DeltaActivation` (``gate``: ``"scalar"`` or
         ``"pixel"``; ``mode``: ``"grid"`` or ``"hysteresis"``) or, for ``kind="token"``, of
         :class:`TokenDelta` (``policy``, ``k``, ``fraction``, ``threshold_init``, ...). For an input gate, as the
@@ -93,6 +102,7 @@ class DeltaConfig:
     on_input: bool = False
     fan_out: float | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    absorb_activation: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -182,6 +192,31 @@ def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig,
         ):
             return node.name
     return None
+
+
+_ABSORB_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_ABSORB_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_ABSORB_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+def _absorbable(node: fx.Node, modules: dict) -> str | None:
+    """``"relu"``/``"relu6"`` when the activation ``node`` can move into the gate after it: a
+    ReLU/ReLU6 (module, function or method, no other arguments than ``inplace``) whose input
+    feeds nothing else (an in-place activation would otherwise change what the others see)."""
+    if node.op == "call_module":
+        act = _ABSORB_MODULES.get(type(modules[node.target]))
+    elif node.op == "call_function":
+        act = _ABSORB_FUNCS.get(node.target)
+    elif node.op == "call_method":
+        act = _ABSORB_METHODS.get(node.target)
+    else:
+        act = None
+    if act is None or len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or len(src.users) != 1:
+        return None
+    return act
 
 
 def _activations_found(gm: fx.GraphModule, modules: dict) -> dict[str, list[str]]:
@@ -287,7 +322,7 @@ def convert(
     if not any(config.layer_options(site) is not None for site, _ in sites):
         raise _no_sites_error(gm, modules, config, candidates=len(known - {"input"}))
 
-    inserted: list[tuple[str, str, fx.Node, dict]] = []
+    inserted: list[tuple[str, str, fx.Node, dict, tuple | None]] = []
     for site, node in sites:
         opts = config.layer_options(site)
         if opts is None:
@@ -295,12 +330,23 @@ def convert(
         base = f"{site}_{config.kind}"  # _delta, _l1, _token
         target = _unique_target(gm, base)
         gm.add_submodule(target, nn.Identity())  # placeholder until fan-out is known
+        act = None
+        if (config.kind == "delta" and config.absorb_activation and opts.get("gate") == "pixel"
+                and opts["activation"] is None and not opts["sigma"]
+                and not opts["delta_output"] and site != "input"):  # fmt: skip
+            act = _absorbable(node, modules)
+        absorbed = None
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, (node,))
+            new = gm.graph.call_module(target, (node.args[0],) if act else (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-        inserted.append((site, target, new, opts))
+        if act:
+            # what revert() needs to put the activation back (its module stays in the tree)
+            absorbed = (node.op, node.target, dict(node.kwargs), node.name)
+            gm.graph.erase_node(node)
+            opts = {**opts, "activation": act}
+        inserted.append((site, target, new, opts, absorbed))
 
-    for site, target, new, opts in inserted:
+    for site, target, new, opts, absorbed in inserted:
         spread = None
         if config.kind == "delta" and opts.get("gate") == "pixel":
             spread = _spread(gm, new)
@@ -320,6 +366,7 @@ def convert(
         layer = config.make_layer(opts, fan_out)
         if spread is not None:
             layer.spread = spread
+        layer.absorbed = absorbed
         gm.add_submodule(target, layer)
     gm.graph.lint()
     gm.recompile()
@@ -438,7 +485,13 @@ def revert(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for node in list(model.graph.nodes):
         if node.op == "call_module" and isinstance(modules.get(node.target), SparsityLayer):
-            node.replace_all_uses_with(node.args[0])
+            src = node.args[0]
+            absorbed = getattr(modules[node.target], "absorbed", None)
+            if absorbed is not None:  # the activation convert() moved into the gate
+                op, target, kwargs, name = absorbed
+                with model.graph.inserting_before(node):
+                    src = model.graph.create_node(op, target, (src,), kwargs, name=name)
+            node.replace_all_uses_with(src)
             model.graph.erase_node(node)
             model.delete_submodule(node.target)
     model.graph.lint()

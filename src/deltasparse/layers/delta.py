@@ -362,6 +362,9 @@ class DeltaActivation(SparsityLayer):
         # rows each change reaches ({"windows": [(k, stride, pad, dilation, ceil) | "global"],
         # "macs_per_row": int} per consumer); None: the plain group loss.
         self.spread: list[dict] | None = None
+        # Set by convert() when the layer took over the activation before it
+        # (DeltaConfig.absorb_activation): (op, target, kwargs, name) of that fx node, for revert().
+        self.absorbed: tuple | None = None
         # The reference of a hysteresis layer streaming frame by frame; not saved.
         self.register_buffer("_ref", None, persistent=False)
         self.streaming = False  # set by deltasparse.streaming(model)
