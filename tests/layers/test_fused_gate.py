@@ -125,3 +125,68 @@ def test_a_failed_build_warns_once_and_trains_on_the_torch_path(monkeypatch):
         y = layer(x)
     (y.sum() + layer.loss).backward()
     assert x.grad is not None and delta_mod._FUSED["ops"] is None
+
+
+# -- deltasparse::pixel_loss: the pixel loss (receptive-field weights) in one C++ pass --------
+_SPREADS = {
+    "conv3x3": [{"windows": [((3, 3), (1, 1), (1, 1), (1, 1), False)], "macs_per_row": 36}],
+    "conv3x3_s2": [{"windows": [((3, 3), (2, 2), (1, 1), (1, 1), False)], "macs_per_row": 576}],
+    "pool_1x1": [{"windows": [((2, 2), (2, 2), (0, 0), (1, 1), False),
+                              ((1, 1), (1, 1), (0, 0), (1, 1), False)], "macs_per_row": 5}],
+    "dilated_padded": [{"windows": [((3, 3), (1, 1), (2, 2), (2, 2), False)],
+                        "macs_per_row": 1}],
+    "three_consumers": [
+        {"windows": [((3, 3), (2, 2), (1, 1), (1, 1), True), ((2, 2), (2, 2), (0, 0), (1, 1), True),
+                     ((1, 1), (1, 1), (0, 0), (1, 1), False)], "macs_per_row": 7},
+        {"windows": [((2, 2), (2, 2), (0, 0), (1, 1), False), "global"], "macs_per_row": 300},
+        {"windows": [((1, 1), (1, 1), (0, 0), (1, 1), False)], "macs_per_row": 11}],
+    "none": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (8, 8), (5, 9)])
+@pytest.mark.parametrize("spread", sorted(_SPREADS))
+def test_cpp_pixel_loss_equals_the_torch_reference(spread, hw):
+    """Weights, gradient factor and count bit for bit (ties, NaN, all-zero maps), the loss sum
+    to float rounding, against _spread_weights / _pixel_loss in torch ops."""
+    torch.manual_seed(0)
+    c = 4
+    layer = ds.DeltaActivation(num_channels=c, gate="pixel")
+    layer.spread = _SPREADS[spread]
+    spec = layer._loss_spec(torch.zeros(2, 4, c, *hw))
+    assert spec is not None
+    weight_fn = layer._spread_weights if layer.spread else None
+    op = delta_mod._pixel_loss_cpp()
+    for zero_frac in (0.0, 0.7, 1.0):
+        norm = torch.rand(2, 3, 1, *hw)
+        norm[torch.rand_like(norm) < zero_frac] = 0
+        norm[0, 0, 0, 0, 1] = norm[0, 0, 0, 0, 0]  # a tie: the first maximum wins
+        ref = delta_mod._pixel_loss(norm, c, weight_fn)
+        got = delta_mod._pixel_loss(norm, c, weight_fn, spec)
+        assert torch.equal(got[2], ref[2])
+        assert torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=0)
+        if weight_fn is not None:
+            w = op(norm.view(-1, *hw), spec, c)[3].view(norm.shape)
+            assert torch.equal(w, layer._spread_weights(norm))
+        norm[1, 1, 0, 3, 3] = float("nan")  # a diverged run: counted, no gradient, as torch
+        ref = delta_mod._pixel_loss(norm, c, weight_fn)
+        got = delta_mod._pixel_loss(norm, c, weight_fn, spec)
+        assert torch.equal(got[2], ref[2]) and got[0].isnan() and ref[0].isnan()
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0, equal_nan=True)
+        if weight_fn is not None:
+            w = op(norm.view(-1, *hw), spec, c)[3].view(norm.shape)
+            assert torch.equal(w, layer._spread_weights(norm))
+
+
+def test_the_pixel_loss_spec_follows_the_spread():
+    layer = ds.DeltaActivation(num_channels=2, gate="pixel")
+    clip = torch.zeros(1, 2, 2, 4, 4)
+    assert layer._loss_spec(clip).numel() == 0  # the plain group loss
+    layer.spread = _SPREADS["pool_1x1"]
+    assert layer._loss_spec(clip).tolist() == [1, 5, 2, 0, 2, 2, 2, 2, 0, 0, 1, 1, 0,
+                                               0, 1, 1, 1, 1, 0, 0, 1, 1, 0]  # fmt: skip
+    layer.spread = _SPREADS["conv3x3"]
+    assert layer._loss_spec(clip).tolist()[:2] == [1, 36]
+    assert layer._loss_spec(clip.double()) is None  # torch ops there
+    assert layer._loss_spec(torch.zeros(1, 2, 2, 4)) is None

@@ -47,6 +47,7 @@ that the delta engine reproduces; :func:`reset_state` starts new streams.
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 
@@ -143,7 +144,7 @@ class _GateDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, thr: torch.Tensor, thr_shape: torch.Size, mode: str,
-                pixel: bool, weight_fn=None):  # fmt: skip
+                pixel: bool, weight_fn=None, spec=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         tf = thr.float()
         if mode == "grid":
@@ -172,7 +173,7 @@ class _GateDelta(torch.autograd.Function):
             df = d.float()
             # the channels' L2 norm; (d*d).sum is ~20x faster than linalg.vector_norm here
             norm = (df * df).sum(2, keepdim=True).sqrt_()
-            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn)
+            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn, spec)
             # dloss/dd = d * factor: kept as d (an output anyway) and the per-pixel factor,
             # not as a clip-sized product (one pass and one tensor less per layer)
             s = d
@@ -204,17 +205,21 @@ class _GateDelta(torch.autograd.Function):
         grad_thr = None
         if g is not None and ctx.needs_input_grad[1]:
             grad_thr = torch.mul(g.float(), levels).sum_to_size(ctx.thr_shape).neg_()
-        return g, grad_thr, None, None, None, None
+        return g, grad_thr, None, None, None, None, None
 
 
-def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, ...]:
+def _pixel_loss(norm: torch.Tensor, c: int, weight_fn, spec=None) -> tuple[torch.Tensor, ...]:
     """The pixel gate's loss sum ``sum_p W_p ||d_p|| / sqrt(C)`` from the per-pixel delta norms
     ``(B, T-1, 1, *spatial)``, the per-pixel factor of its gradient (``dloss/dd = d *
     factor``; float32, zero where nothing changed: sqrt(C)/norm overflows half precision) and
     the count of changed scalars (the changed pixels times ``C``).
     ``W_p = C`` (the plain group loss, times the layer's fan-out outside), or what ``weight_fn``
     gives (the executed MACs a change of pixel p triggers in the consumers, see
-    :attr:`DeltaActivation.spread`)."""
+    :attr:`DeltaActivation.spread`). ``spec`` (see :meth:`DeltaActivation._loss_spec`): the
+    same in one C++ pass (the weights bit for bit, the sum to float rounding)."""
+    if spec is not None:
+        loss_sum, factor, nonzero, _ = _pixel_loss_cpp()(norm.view(-1, *norm.shape[-2:]), spec, c)
+        return loss_sum, factor.view(norm.shape), nonzero
     w = None if weight_fn is None else weight_fn(norm)
     if w is None:  # the plain group loss
         loss_sum = math.sqrt(c) * norm.sum()
@@ -230,6 +235,17 @@ def _pixel_loss(norm: torch.Tensor, c: int, weight_fn) -> tuple[torch.Tensor, ..
 _ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
 _FUSED_MIN_POSITIONS = 16  # smaller maps: the torch path is faster (loops along positions)
 _FUSED: dict = {}
+
+
+def _pixel_loss_cpp():
+    """``deltasparse::pixel_loss`` or None (built with the fused gate)."""
+    if "loss" not in _FUSED:
+        _FUSED["loss"] = None
+        if _fused_gate_ops() is not None:
+            from ..engine.kernels import cpp
+
+            _FUSED["loss"] = cpp.pixel_loss_op()
+    return _FUSED["loss"]
 
 
 def _fused_gate_ops():
@@ -256,17 +272,18 @@ class _GateDeltaFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, thr: torch.Tensor, act: str | None, mode: str,
-                pixel: bool, weight_fn=None):  # fmt: skip
+                pixel: bool, weight_fn=None, spec=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         fwd, _ = _fused_gate_ops()
         b, t, c = x.shape[:3]
-        tc = thr.reshape(-1).expand(c).contiguous()
+        tc = thr.reshape(c) if thr.numel() == c else thr.reshape(-1).expand(c)
+        tc = tc.contiguous()
         code, hyst = _ACT_CODES[act], mode == "hysteresis"
         q, aux, sent = fwd(x, tc, code, hyst, pixel)
         factor = None
         if pixel:
             norm = aux.view(b, t - 1, 1, *x.shape[3:])
-            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn)
+            loss_sum, factor, nonzero = _pixel_loss(norm, c, weight_fn, spec)
         else:
             sums = aux.sum((0, 1))  # float64: sum |d|, count of d != 0
             loss_sum, nonzero = sums[0].float(), sums[1].round().to(torch.int64)
@@ -286,15 +303,16 @@ class _GateDeltaFused(torch.autograd.Function):
         empty = x.new_empty(0)
         gq = empty if grad_q is None else grad_q.float().contiguous()
         gls = 0.0 if grad_loss_sum is None else float(grad_loss_sum)
-        has_w = pixel and grad_loss_sum is not None
-        w = (factor * gls).reshape(x.shape[0], x.shape[1] - 1, -1) if has_w else empty
+        # pixel: the C++ op scales the per-pixel factor by gls (the float32 product torch's
+        # factor * gls would give)
+        w = factor.contiguous() if pixel and grad_loss_sum is not None else empty
         need_thr = ctx.needs_input_grad[1]
-        gx, gthr = bwd(gq, x, sent, w.contiguous(), gls, tc, code, hyst, pixel, need_thr)
+        gx, gthr = bwd(gq, x, sent, w, gls, tc, code, hyst, pixel, need_thr)
         grad_thr = None
         if need_thr:
             g = gthr.sum(0).float()  # (C,), float64 partial sums per sample
             grad_thr = g.sum().reshape(thr_shape) if len(thr_shape) == 0 else g.reshape(thr_shape)
-        return gx, grad_thr, None, None, None, None
+        return gx, grad_thr, None, None, None, None, None
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -553,21 +571,48 @@ class DeltaActivation(SparsityLayer):
         s = torch.cumsum(clip, dim=1) if self.sigma else clip
         thr = self._clip_threshold(clip.dim())
         weight_fn = self._spread_weights if (self.pixel and self.spread) else None
+        spec = self._loss_spec(s) if self.pixel else None
         if self._fused(s):
             q, loss_sum, nonzero = _GateDeltaFused.apply(s.contiguous(), thr, self.activation,
-                                                         self.mode, self.pixel, weight_fn)  # fmt: skip
+                                                         self.mode, self.pixel, weight_fn,
+                                                         spec)  # fmt: skip
             d = None
-            n_d = q[:, 1:].numel()
+            n_d = q.numel() // q.shape[1] * (q.shape[1] - 1)
         else:
             a = _activate(s, self.activation)
             q, d, loss_sum, nonzero = _GateDelta.apply(a, thr, thr.shape, self.mode,
-                                                       self.pixel, weight_fn)  # fmt: skip
+                                                       self.pixel, weight_fn, spec)  # fmt: skip
             n_d = d.numel()
         scale = 1.0 if weight_fn is not None else self.fan_out
         self.loss = self.sparsity_weight * scale * loss_sum / n_d
         self.stats = LayerStats(nonzero, n_d, self.fan_out)
         out = torch.cat([q[:, :1], d], dim=1) if self.delta_output else q
         return out.reshape(in_shape)
+
+    def _loss_spec(self, s: torch.Tensor) -> torch.Tensor | None:
+        """The consumers of :attr:`spread` as the int64 list ``deltasparse::pixel_loss`` reads
+        (empty: the plain group loss), when the pixel loss of clip ``s`` takes that C++ op:
+        float32 ``(B, T, C, H, W)`` clips on the CPU; else None (torch ops). Cached per spread."""
+        if (s.device.type != "cpu" or s.dtype != torch.float32 or s.dim() != 5
+                or _pixel_loss_cpp() is None):  # fmt: skip
+            return None
+        cached = self.__dict__.get("_spec_cache")
+        if cached is not None and cached[0] == self.spread:
+            return cached[1]
+        flat: list[int] = []
+        if self.spread:
+            flat.append(len(self.spread))
+            for cons in self.spread:
+                flat += [int(cons["macs_per_row"]), len(cons["windows"])]
+                for win in cons["windows"]:
+                    if win == "global":
+                        flat += [1] + [0] * 9
+                    else:
+                        k, st, pd, dl, ceil = win
+                        flat += [0, *k, *st, *pd, *dl, int(bool(ceil))]
+        spec = torch.tensor(flat, dtype=torch.int64)
+        self.__dict__["_spec_cache"] = (copy.deepcopy(self.spread), spec)
+        return spec
 
     def _fused(self, s: torch.Tensor) -> bool:
         """Whether the clip takes the fused C++ gate (same results as the torch path to float
@@ -578,7 +623,7 @@ class DeltaActivation(SparsityLayer):
         any op that saves its input)."""
         return (s.device.type == "cpu" and s.dtype == torch.float32 and not self.delta_output
                 and self.granularity != "neuron" and s.dim() >= 4 and s.numel() > 0
-                and s[0, 0, 0].numel() >= _FUSED_MIN_POSITIONS
+                and math.prod(s.shape[3:]) >= _FUSED_MIN_POSITIONS
                 and _fused_gate_ops() is not None)  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "build_dir", "build_error", "build_key", "cpu_name", "gate_ops",
-           "load", "quant_commit"]
+           "load", "pixel_loss_op", "quant_commit"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // One row: bias -> clamp -> gate -> compare -> write. Specialised per mode so that the
@@ -406,8 +407,8 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
 }
 
 // Backward. g_t = gq_t + e_t - e_{t+1} with e_t = dL/dd_t (1 <= t < T; e_0 = e_T = 0):
-// pixel e = d * w (w (B, T-1, S): the loss's per-pixel factor times its gradient), scalar
-// e = sgn(d) * gls. Returns {gx, gthr} with gx = g * act'(x) and gthr (B, C) float64 =
+// pixel e = d * (w * gls) (w (B, T-1, S): the loss's per-pixel factor; gls: the gradient of
+// the loss sum), scalar e = sgn(d) * gls. Returns {gx, gthr} with gx = g * act'(x) and gthr (B, C) float64 =
 // -sum g * levels (levels: grid nearbyint(q / thr), hysteresis q / thr); gq may be empty
 // (zero), gthr is empty unless need_thr. q is not stored: it is replayed from x, one channel
 // of one sample at a time, with the same operations as the forward (so exactly its values;
@@ -480,14 +481,14 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
         else std::memset(gi, 0, S * sizeof(float));
         // + e_t, then - e_{t+1}: separate loops without branches (they vectorise)
         if (t && has_w)
-          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] + (qcur[i] - qprev[i]) * w0[i];
+          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] + (qcur[i] - qprev[i]) * (w0[i] * fg);
         if (t && !pixel)
           for (int64_t i = 0; i < S; ++i) {
             const float d = qcur[i] - qprev[i];
             gi[i] = gi[i] + (float)((d > 0.f) - (d < 0.f)) * fg;
           }
         if (t + 1 < T && has_w)
-          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] - (qnext[i] - qcur[i]) * w1[i];
+          for (int64_t i = 0; i < S; ++i) gi[i] = gi[i] - (qnext[i] - qcur[i]) * (w1[i] * fg);
         if (t + 1 < T && !pixel)
           for (int64_t i = 0; i < S; ++i) {
             const float d = qnext[i] - qcur[i];
@@ -523,6 +524,156 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor gq, torch::Tensor x, torc
   return {gx, gthr};
 }
 
+// The pixel gate's loss from the per-pixel delta norms (N, H, W) of a clip (N = B * (T-1)):
+// {loss_sum (float32), factor (N, H, W): dloss/dd = d * factor, nonzero (int64): changed pixels
+// times C, weights W (N, H, W; empty for the plain loss)}. spec (int64, empty: the plain group loss W_p = C) lists the consumers of the
+// layer (DeltaActivation.spread): [n, then per consumer: macs, windows, then per window:
+// global, kh, kw, sh, sw, ph, pw, dh, dw, ceil]. W_p, the MACs of the consumer rows whose
+// window has its largest change at p, is exactly what _spread_weights computes with max_pool2d
+// (same first-max / NaN rule, same -inf padding emulation, same float32 sums in the same
+// order); the loss sum is a float64 sum here (float rounding apart from the torch path).
+static int64_t ds_pool_out(int64_t in, int64_t k, int64_t p, int64_t s, int64_t d, bool ceil) {
+  int64_t num = in + 2 * p - d * (k - 1) - 1 + (ceil ? s - 1 : 0);
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
+  if (ceil && (out - 1) * s >= in + p) --out;
+  return out;
+}
+
+std::vector<torch::Tensor> pixel_loss(torch::Tensor norm, torch::Tensor spec, int64_t c) {
+  TORCH_CHECK(norm.dtype() == torch::kFloat32 && norm.dim() == 3 && norm.is_contiguous(),
+              "norm (N, H, W) float32");
+  TORCH_CHECK(spec.dtype() == torch::kInt64 && spec.is_contiguous() && spec.dim() == 1, "spec");
+  const int64_t N = norm.size(0), H = norm.size(1), W = norm.size(2), HW = H * W;
+  const bool weighted = spec.numel() > 0;
+  const int64_t* sp = spec.data_ptr<int64_t>();
+  auto factor = torch::empty_like(norm);
+  auto weights = weighted ? torch::empty_like(norm) : torch::empty({0}, norm.options());
+  float* wp_ = weighted ? weights.data_ptr<float>() : nullptr;
+  const float* np_ = norm.data_ptr<float>();
+  float* fp = factor.data_ptr<float>();
+  std::vector<double> part(N, 0.0);
+  std::vector<int64_t> nz(N, 0);
+  const float sc = (float)std::sqrt((double)c);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> total(HW), vals, nvals;
+    std::vector<int64_t> where, nwhere;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* nm = np_ + n * HW;
+      float* fn = fp + n * HW;
+      int64_t cnt = 0;
+      double acc = 0.0;
+      if (!weighted) {
+        for (int64_t i = 0; i < HW; ++i) {
+          const float v = nm[i];
+          cnt += v != 0.f;
+          acc += (double)v;
+          fn[i] = v > 0.f ? (1.f / (v < 1e-30f ? 1e-30f : v)) * sc : 0.f;
+        }
+      } else {
+        std::fill(total.begin(), total.end(), 0.f);
+        int64_t o = 1;
+        for (int64_t ci = 0; ci < sp[0]; ++ci) {
+          const float macs = (float)sp[o];
+          const int64_t nw = sp[o + 1];
+          const int64_t* win = sp + o + 2;
+          o += 2 + 10 * nw;
+          bool ident = true;
+          for (int64_t k = 0; k < nw; ++k) {
+            const int64_t* w = win + 10 * k;
+            ident = ident && !w[0] && w[1] == 1 && w[2] == 1 && w[3] == 1 && w[4] == 1 &&
+                    w[5] == 0 && w[6] == 0 && w[7] == 1 && w[8] == 1 && !w[9];
+          }
+          if (ident) {
+            for (int64_t i = 0; i < HW; ++i) total[i] = total[i] + macs;
+            continue;
+          }
+          int64_t h = H, wd = W;
+          vals.assign(nm, nm + HW);
+          where.resize(HW);
+          for (int64_t i = 0; i < HW; ++i) where[i] = i;
+          for (int64_t k = 0; k < nw; ++k) {
+            const int64_t* w = win + 10 * k;
+            if (w[0]) {  // global: torch argmax (first maximum; a NaN is the maximum)
+              int64_t bi = 0;
+              float best = vals[0];
+              for (int64_t i = 1; i < h * wd && best == best; ++i) {
+                const float v = vals[i];
+                if (v > best || v != v) { best = v; bi = i; }
+              }
+              where = {where[bi]};
+              h = wd = 1;
+              break;
+            }
+            int64_t kh = w[1], kw = w[2], sh = w[3], sw = w[4], ph = w[5], pw = w[6];
+            const int64_t dh = w[7], dw = w[8];
+            const bool ceil = w[9] != 0;
+            if (ph > kh / 2 || pw > kw / 2) {  // max_pool2d refuses it: pad with -inf (pos 0)
+              const int64_t h2 = h + 2 * ph, w2 = wd + 2 * pw;
+              nvals.assign(h2 * w2, ninf);
+              nwhere.assign(h2 * w2, 0);
+              for (int64_t y = 0; y < h; ++y)
+                for (int64_t x = 0; x < wd; ++x) {
+                  nvals[(y + ph) * w2 + x + pw] = vals[y * wd + x];
+                  nwhere[(y + ph) * w2 + x + pw] = where[y * wd + x];
+                }
+              vals.swap(nvals);
+              where.swap(nwhere);
+              h = h2;
+              wd = w2;
+              ph = pw = 0;
+            }
+            const int64_t oh = ds_pool_out(h, kh, ph, sh, dh, ceil);
+            const int64_t ow = ds_pool_out(wd, kw, pw, sw, dw, ceil);
+            nvals.resize(oh * ow);
+            nwhere.resize(oh * ow);
+            for (int64_t oy = 0; oy < oh; ++oy) {
+              int64_t y0 = oy * sh - ph;
+              const int64_t y1 = std::min(y0 + (kh - 1) * dh + 1, h);
+              while (y0 < 0) y0 += dh;
+              for (int64_t ox = 0; ox < ow; ++ox) {
+                int64_t x0 = ox * sw - pw;
+                const int64_t x1 = std::min(x0 + (kw - 1) * dw + 1, wd);
+                while (x0 < 0) x0 += dw;
+                int64_t mi = y0 * wd + x0;
+                float mv = ninf;
+                for (int64_t y = y0; y < y1; y += dh)
+                  for (int64_t x = x0; x < x1; x += dw) {
+                    const float v = vals[y * wd + x];
+                    if (v > mv || v != v) { mv = v; mi = y * wd + x; }
+                  }
+                nvals[oy * ow + ox] = mv;
+                nwhere[oy * ow + ox] = where[mi];
+              }
+            }
+            vals.swap(nvals);
+            where.swap(nwhere);
+            h = oh;
+            wd = ow;
+          }
+          for (int64_t r = 0; r < h * wd; ++r) total[where[r]] = total[where[r]] + macs;
+        }
+        for (int64_t i = 0; i < HW; ++i) {
+          const float v = nm[i];
+          cnt += v != 0.f;
+          acc += (double)(total[i] * v);
+          fn[i] = v > 0.f ? total[i] / (sc * (v < 1e-30f ? 1e-30f : v)) : 0.f;
+        }
+        std::memcpy(wp_ + n * HW, total.data(), HW * sizeof(float));
+      }
+      part[n] = acc;
+      nz[n] = cnt;
+    }
+  });
+  double acc = 0.0;
+  int64_t cnt = 0;
+  for (int64_t n = 0; n < N; ++n) { acc += part[n]; cnt += nz[n]; }
+  const float s = (float)acc;
+  auto loss = torch::full({}, weighted ? s / sc : sc * s, norm.options());
+  auto nonzero = torch::full({}, cnt * c, norm.options().dtype(torch::kInt64));
+  return {loss, factor, nonzero, weights};
+}
+
 TORCH_LIBRARY(deltasparse, m) {
   m.def("frame_gate(Tensor frame, Tensor(a!) in_buf, Tensor(b!) buf, float lo, float hi, "
         "Tensor thr, int thr_mode, int hw, bool compare, int gate) -> Tensor");
@@ -533,6 +684,7 @@ TORCH_LIBRARY(deltasparse, m) {
   m.def("gate_forward(Tensor x, Tensor thr, int act, bool hyst, bool pixel) -> Tensor[]");
   m.def("gate_backward(Tensor gq, Tensor x, Tensor sent, Tensor w, float gls, Tensor thr, "
         "int act, bool hyst, bool pixel, bool need_thr) -> Tensor[]");
+  m.def("pixel_loss(Tensor norm, Tensor spec, int c) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
@@ -540,12 +692,13 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("frame_gate", &frame_gate);
   m.impl("gate_forward", &gate_forward);
   m.impl("gate_backward", &gate_backward);
+  m.impl("pixel_loss", &pixel_loss);
 }
 """
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 8
+_VERSION = 10
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
@@ -658,6 +811,14 @@ def gate_ops():
     if load() is None:
         return None
     return torch.ops.deltasparse.gate_forward, torch.ops.deltasparse.gate_backward
+
+
+def pixel_loss_op():
+    """``deltasparse::pixel_loss`` (the pixel gate's loss, its gradient factor and count from
+    the delta norms, with the receptive-field weights), or None if the library is unavailable."""
+    if load() is None:
+        return None
+    return torch.ops.deltasparse.pixel_loss
 
 
 def available() -> bool:
