@@ -110,6 +110,25 @@ def gate_modes() -> str:
     return _table(head, rows) + "\n\n" + _source(d, name)
 
 
+def folder_recipe() -> str:
+    name = "folder_recipe.json"
+    d = _load(name)
+    f, e = d["footage"], d["engine"]
+    head = ["phase", "accuracy", "op_fraction (counted)", "executed (predicted)"]
+    rows = [[k, _pct(r["accuracy"]), _pct(r["op_fraction"]), _pct(r["executed_fraction"])]
+            for k, r in d["phases"].items()]  # fmt: skip
+    lines = [_table(head, rows), "",
+             f"Engine on the held-out videos ({e['streams']} streams, {e['threads']} threads, "
+             f"{e['backend']} backend): executed {_pct(e['executed_density'])} (predicted "
+             f"{_pct(e['predicted_density'])}), {_ms(e['delta_ms_per_frame'], 3)} ms/frame vs "
+             f"{_ms(e['dense_ms_per_frame'], 3)} dense, {_x(e['speedup'])}, accuracy "
+             f"{_pct(e['accuracy'])}, agreement {_pct(e['agreement'])}. Footage: "
+             f"{f['videos']} {f['format']} videos in {f['classes']} {f['layout']}, "
+             f"{f['frames']} frames at {f['resolution']}×{f['resolution']} (seed {f['seed']}).",
+             f"{_source(d, name)} {d['elapsed_s'] / 60:.1f} minutes in all."]
+    return "\n".join(lines)
+
+
 def engine_cpu() -> str:
     name = "engine_cpu.json"
     d = _load(name)
@@ -193,7 +212,7 @@ def token_engine_gpu() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
     "engine_gpu": engine_gpu, "train_overhead": train_overhead, "token_engine": token_engine,
-    "token_engine_gpu": token_engine_gpu,
+    "token_engine_gpu": token_engine_gpu, "folder_recipe": folder_recipe,
 }  # fmt: skip
 
 

@@ -437,3 +437,49 @@ def test_engine_streams_an_absorbed_model_as_the_unabsorbed_one():
         assert torch.equal(outs[0], outs[1])
         torch.testing.assert_close(outs[0], want, rtol=1e-4, atol=1e-4)
     assert engines[0].stats.effective_macs == engines[1].stats.effective_macs
+    # the dense model still materialises the activation: the same memory baseline
+    assert engines[0].stats.dense_activation_bytes == engines[1].stats.dense_activation_bytes
+
+
+class _InplaceOnView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 2, 1)
+        self.c3 = nn.Conv2d(2, 2, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y[:, :2].relu_()  # changes y too, which c2 reads
+        w = self.act(self.c3(z))  # in place on a conv's fresh output: absorbable
+        return self.c2(y).mean((2, 3)) + w.mean((2, 3))
+
+
+def test_an_inplace_activation_on_a_view_is_not_absorbed():
+    torch.manual_seed(0)
+    model = _InplaceOnView().eval()
+    acts = {}
+    outs = []
+    for absorb in (True, False):
+        gm = ds.convert(_clone(model), ds.DeltaConfig(gate="pixel", threshold_init=1e-4,
+                                                      absorb_activation=absorb)).eval()
+        acts[absorb] = {n: m.activation for n, m in sparsity_layers(gm)}
+        outs.append(gm(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))))
+    assert acts[True] == {"relu__delta": None, "act_delta": "relu"}
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_calibration_sees_what_the_quantiser_sees_with_an_absorbed_activation():
+    from deltasparse.calibrate import _input_scales
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    batches = [torch.randn(2, 3, 3, 8, 8)]
+    scales = []
+    for absorb in (True, False):
+        gm = ds.convert(_clone(model), ds.DeltaConfig(gate="pixel", absorb_activation=absorb))
+        scales.append(_input_scales(gm.eval(), batches))
+    assert scales[0].keys() == scales[1].keys()
+    for k in scales[0]:
+        torch.testing.assert_close(scales[0][k], scales[1][k], rtol=1e-6, atol=1e-7, msg=k)

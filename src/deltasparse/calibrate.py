@@ -33,6 +33,7 @@ from torch import nn
 
 from .convert import DeltaConfig, convert
 from .layers import DeltaActivation, VideoModel, sparsity_layers
+from .layers.delta import _activate
 from .metrics import measure
 
 __all__ = ["CalibrationResult", "TARGETS", "calibrate", "parse_target"]
@@ -126,7 +127,9 @@ def _input_scales(gm: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch
 
     def hook(name):
         def fn(mod, inp, out):
-            x = inp[0].float()
+            # what the quantiser sees: a gate that took over the ReLU before it
+            # (DeltaConfig.absorb_activation) gets the pre-activation as its input
+            x = _activate(inp[0], getattr(mod, "activation", None)).float()
             dims = [d for d in range(x.dim()) if d != 1]
             s = sums[name]
             s[0] = s[0] + x.sum(dims)

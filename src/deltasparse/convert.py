@@ -197,12 +197,16 @@ def _activation_site(node: fx.Node, modules: dict, cfg: DeltaConfig,
 _ABSORB_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _ABSORB_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 _ABSORB_METHODS = {"relu": "relu", "relu_": "relu"}
+# producers whose output is a new tensor (never a view of another node's value)
+_FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                 nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
 def _absorbable(node: fx.Node, modules: dict) -> str | None:
     """``"relu"``/``"relu6"`` when the activation ``node`` can move into the gate after it: a
     ReLU/ReLU6 (module, function or method, no other arguments than ``inplace``) whose input
-    feeds nothing else (an in-place activation would otherwise change what the others see)."""
+    feeds nothing else (an in-place activation would otherwise change what the others see),
+    and, if in place, is the fresh output of a conv, linear or norm module (not a view)."""
     if node.op == "call_module":
         act = _ABSORB_MODULES.get(type(modules[node.target]))
     elif node.op == "call_function":
@@ -215,6 +219,14 @@ def _absorbable(node: fx.Node, modules: dict) -> str | None:
         return None
     src = node.args[0]
     if not isinstance(src, fx.Node) or len(src.users) != 1:
+        return None
+    inplace = (node.target == "relu_" or node.kwargs.get("inplace", False)
+               or getattr(modules.get(node.target) if node.op == "call_module" else None,
+                          "inplace", False))  # fmt: skip
+    if inplace and not (src.op == "call_module"
+                        and isinstance(modules[src.target], _FRESH_OUTPUT)):  # fmt: skip
+        # an in-place activation on a view (or on what Identity/Dropout pass through) also
+        # changes the tensor the view is of, which other nodes read: keep it
         return None
     return act
 

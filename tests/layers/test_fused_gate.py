@@ -190,3 +190,24 @@ def test_the_pixel_loss_spec_follows_the_spread():
     assert layer._loss_spec(clip).tolist()[:2] == [1, 36]
     assert layer._loss_spec(clip.double()) is None  # torch ops there
     assert layer._loss_spec(torch.zeros(1, 2, 2, 4)) is None
+
+
+def test_cpp_pixel_loss_edge_cases():
+    """1x1 consumers only, MACs past 2**24: the torch path's single rounding of their sum; a
+    window that holds no pixel of the map: an error, as max_pool2d's, not a crash."""
+    layer = ds.DeltaActivation(num_channels=2, gate="pixel")
+    one = ((1, 1), (1, 1), (0, 0), (1, 1), False)
+    layer.spread = [{"windows": [one], "macs_per_row": 2**24}, {"windows": [one],
+                    "macs_per_row": 1}, {"windows": [one], "macs_per_row": 1}]  # fmt: skip
+    norm = torch.rand(1, 2, 1, 4, 4)
+    spec = layer._loss_spec(torch.zeros(1, 3, 2, 4, 4))
+    ref = delta_mod._pixel_loss(norm, 2, layer._spread_weights)
+    got = delta_mod._pixel_loss(norm, 2, layer._spread_weights, spec)
+    assert torch.equal(got[1], ref[1])
+    layer.spread = [{"windows": [((2, 2), (1, 1), (1, 1), (2, 2), False)], "macs_per_row": 3}]
+    norm = torch.rand(1, 1, 1, 1, 5)
+    spec = layer._loss_spec(torch.zeros(1, 2, 2, 1, 5))
+    with pytest.raises(RuntimeError):
+        delta_mod._pixel_loss(norm, 2, layer._spread_weights)
+    with pytest.raises(RuntimeError, match="holds no pixel"):
+        delta_mod._pixel_loss(norm, 2, layer._spread_weights, spec)

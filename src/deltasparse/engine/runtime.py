@@ -165,7 +165,10 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
         ins = [values[n] for n in op.inputs]
         name = op.label
         chain_ops = list(op.chain)
-        n_nodes = 1 + len(chain_ops)  # tensors the dense model materialises for this op
+        # tensors the dense model materialises for this op (a gate that took over the
+        # activation before it, DeltaConfig.absorb_activation, still makes two)
+        n_nodes = 1 + len(chain_ops) + sum(
+            1 for c in chain_ops if c.kind == "quant" and c.params["layer"].activation)
         if op.kind == "output":
             output = ins[0]
             continue
