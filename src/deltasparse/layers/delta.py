@@ -276,8 +276,7 @@ class _GateDeltaFused(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         fwd, _ = _fused_gate_ops()
         b, t, c = x.shape[:3]
-        tc = thr.reshape(c) if thr.numel() == c else thr.reshape(-1).expand(c)
-        tc = tc.contiguous()
+        tc = thr.reshape(-1).expand(c).contiguous()
         code, hyst = _ACT_CODES[act], mode == "hysteresis"
         q, aux, sent = fwd(x, tc, code, hyst, pixel)
         factor = None

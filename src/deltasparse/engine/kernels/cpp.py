@@ -539,6 +539,12 @@ static int64_t ds_pool_out(int64_t in, int64_t k, int64_t p, int64_t s, int64_t 
   return out;
 }
 
+// A window of the spec that maps each pixel to itself (1x1, stride 1, no padding, not global).
+static inline bool ds_one_window(const int64_t* w) {
+  return !w[0] && w[1] == 1 && w[2] == 1 && w[3] == 1 && w[4] == 1 && w[5] == 0 && w[6] == 0 &&
+         w[7] == 1 && w[8] == 1 && !w[9];
+}
+
 std::vector<torch::Tensor> pixel_loss(torch::Tensor norm, torch::Tensor spec, int64_t c) {
   TORCH_CHECK(norm.dtype() == torch::kFloat32 && norm.dim() == 3 && norm.is_contiguous(),
               "norm (N, H, W) float32");
@@ -557,11 +563,7 @@ std::vector<torch::Tensor> pixel_loss(torch::Tensor norm, torch::Tensor spec, in
   int64_t ident_sum = 0;
   for (int64_t ci = 0, o = 1; weighted && ci < sp[0]; ++ci) {
     const int64_t nw = sp[o + 1];
-    for (int64_t k = 0; k < nw; ++k) {
-      const int64_t* w = sp + o + 2 + 10 * k;
-      all_ident = all_ident && !w[0] && w[1] == 1 && w[2] == 1 && w[3] == 1 && w[4] == 1 &&
-                  w[5] == 0 && w[6] == 0 && w[7] == 1 && w[8] == 1 && !w[9];
-    }
+    for (int64_t k = 0; k < nw; ++k) all_ident = all_ident && ds_one_window(sp + o + 2 + 10 * k);
     ident_sum += sp[o];
     o += 2 + 10 * nw;
   }
@@ -593,11 +595,7 @@ std::vector<torch::Tensor> pixel_loss(torch::Tensor norm, torch::Tensor spec, in
           const int64_t* win = sp + o + 2;
           o += 2 + 10 * nw;
           bool ident = true;
-          for (int64_t k = 0; k < nw; ++k) {
-            const int64_t* w = win + 10 * k;
-            ident = ident && !w[0] && w[1] == 1 && w[2] == 1 && w[3] == 1 && w[4] == 1 &&
-                    w[5] == 0 && w[6] == 0 && w[7] == 1 && w[8] == 1 && !w[9];
-          }
+          for (int64_t k = 0; k < nw; ++k) ident = ident && ds_one_window(win + 10 * k);
           if (ident) {
             for (int64_t i = 0; i < HW; ++i) total[i] = total[i] + macs;
             continue;
@@ -716,7 +714,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 11
+_VERSION = 12
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
