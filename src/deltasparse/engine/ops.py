@@ -290,6 +290,11 @@ class RuntimeOp:
     def compute(self, rows: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def compute_commit(self, rows: torch.Tensor | None, first: bool):
+        """``compute`` and the backend's ``finish`` in one kernel, where the backend has one
+        for this op (the changed rows, as ``finish`` returns them); else NotImplemented."""
+        return NotImplemented
+
     # -- driver ------------------------------------------------------------------------
     def _too_dense(self, n: int, total: int) -> bool:
         return n > self.crossover * total
@@ -335,9 +340,11 @@ class RuntimeOp:
         planned = self.plan(first)
         rows, n = (None, 0) if planned is None else planned
         if n:
-            z = self.compute(rows)
-            self.out.changed = self.backend.finish(self.out, rows, z, self.chain, first,
-                                                   self.bias)  # fmt: skip
+            changed = self.compute_commit(rows, first)
+            if changed is NotImplemented:
+                z = self.compute(rows)
+                changed = self.backend.finish(self.out, rows, z, self.chain, first, self.bias)
+            self.out.changed = changed
             if first:
                 st.changed_out += self.out.rows
             else:
@@ -445,6 +452,10 @@ class LinearOp(RuntimeOp):
     def compute(self, rows):
         return self.backend.linear(self.inputs[0].buf, self.spec, rows)
 
+    def compute_commit(self, rows, first):
+        return self.backend.linear_commit(self.inputs[0].buf, self.spec, rows, self.out,
+                                          self.chain, first)  # fmt: skip
+
 
 class ConvOp(RuntimeOp):
     kernel = "conv"
@@ -463,6 +474,10 @@ class ConvOp(RuntimeOp):
         fn = self.backend.depthwise if self.spec.depthwise else self.backend.conv
         return fn(self.inputs[0].buf, self.spec, rows)
 
+    def compute_commit(self, rows, first):
+        return self.backend.conv_commit(self.inputs[0].buf, self.spec, rows, self.out,
+                                        self.chain, first)  # fmt: skip
+
 
 class PoolOp(RuntimeOp):
     kernel = "pool"
@@ -477,6 +492,10 @@ class PoolOp(RuntimeOp):
     def compute(self, rows):
         return self.backend.pool(self.inputs[0].buf, self.spec, rows)
 
+    def compute_commit(self, rows, first):
+        return self.backend.pool_commit(self.inputs[0].buf, self.spec, rows, self.out,
+                                        self.chain, first)  # fmt: skip
+
 
 class SampleOp(RuntimeOp):
     """Ops whose output row is a whole sample: global average pooling and flatten."""
@@ -490,7 +509,7 @@ class SampleOp(RuntimeOp):
     def select(self):
         x = self.inputs[0]
         hw = x.hw[0] * x.hw[1]
-        return torch.unique(x.changed // hw)
+        return torch.unique_consecutive(x.changed // hw)  # changed rows are sorted
 
     def compute(self, rows):
         x = self.inputs[0]

@@ -223,3 +223,142 @@ def test_max_pool_rows_match_reference(k, s, pad, ceil, c):
     rows = torch.randperm(geom.p_out, generator=g)[: max(1, geom.p_out // 3)].sort().values
     torch.testing.assert_close(CppBackend().pool(x, spec, rows), ref[rows], rtol=0, atol=0,
                                equal_nan=True)  # fmt: skip
+
+
+# -- fused compute + commit (gemm_commit, window_commit), gemm_rows, reachable -----------------
+def _spec_rows(kind, x, geom, w, rows):
+    """The op's values at ``rows`` (all rows: None) in float64 torch ops: the reference."""
+    r = torch.arange(geom.p_out) if rows is None else rows
+    xd = x.double()
+    if kind == "linear":
+        return xd[r] @ w.double()
+    g = xd[geom.taps[r]]  # (n, k2, C_in); padding taps read the zero row
+    if kind == "conv":
+        return g.reshape(len(r), -1) @ w.double()
+    if kind == "depthwise":
+        return (g * w.double()).sum(1)
+    valid = geom.valid[r].unsqueeze(-1)
+    return g.masked_fill(~valid, -math.inf).amax(1)  # max pooling
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["linear", "conv", "depthwise", "max"])
+@pytest.mark.parametrize("mode,gate", [(0, 0), (2, 0), (1, 1), (3, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("c_in,c_out", [(3, 5), (40, 70)])
+def test_fused_commit_matches_compute_then_quant_commit(kind, mode, gate, sparse, c_in, c_out):
+    g = torch.Generator().manual_seed(hash((kind, mode, gate, sparse, c_in, c_out)) % 2**31)
+    b, h, w = 3, 9, 7
+    if kind == "linear":
+        geom = WindowGeom(b, (h, w), (h, w), (1, 1), (1, 1), (0, 0), (1, 1))
+    else:
+        geom = WindowGeom(b, (h, w), (5, 4), (3, 3), (2, 2), (1, 1), (1, 1))
+    if kind in ("depthwise", "max"):
+        c_out = c_in
+    x = torch.randn(geom.p_in + 1, c_in, generator=g)
+    x[-1] = 0
+    k_in = c_in * (geom.k2 if kind == "conv" else 1)
+    wt = {"linear": torch.randn(c_in, c_out, generator=g), "conv": torch.randn(k_in, c_out,
+          generator=g), "depthwise": torch.randn(geom.k2, c_in, generator=g),
+          "max": torch.empty(0)}[kind]  # fmt: skip
+    bias = torch.randn(c_out, generator=g) if kind != "max" else torch.empty(0)
+    hw = geom.out_hw[0] * geom.out_hw[1]
+    thr = {0: torch.empty(0), 1: torch.tensor([0.5]), 2: 0.1 + torch.rand(c_out, generator=g),
+           3: 0.1 + torch.rand(hw * c_out, generator=g)}[mode]  # fmt: skip
+    lo, hi = (0.0, 6.0) if mode % 2 else (-math.inf, math.inf)
+    rows = (torch.randperm(geom.p_out, generator=g)[: geom.p_out // 2].sort().values if sparse
+            else torch.empty(0, dtype=torch.long))  # fmt: skip
+    buf = torch.full((geom.p_out + 1, c_out), POISON)
+    r = rows if sparse else torch.arange(geom.p_out)
+    buf[r] = 3 * torch.randn(len(r), c_out, generator=g)
+    taps = torch.empty(0, dtype=torch.long) if kind == "linear" else geom.taps
+    ops = torch.ops.deltasparse
+    # half the rows store what this frame commits (unchanged), the others other values
+    z0 = (ops.gemm_rows(x, taps, r, False, wt, geom.p_out) if kind in ("linear", "conv")
+          else ops.window_rows(x, geom.taps, wt, r, False, int(kind == "max")))
+    settled = buf.clone()
+    ops.quant_commit(z0, settled, r, bias, lo, hi, thr, mode, hw, True, gate)
+    keep = torch.rand(len(r), 1, generator=g) < 0.5
+    buf[r] = torch.where(keep, settled[r], buf[r])
+    for compare in (True, False):
+        z = (ops.gemm_rows(x, taps, rows, not sparse, wt, geom.p_out) if kind in ("linear", "conv")
+             else ops.window_rows(x, geom.taps, wt, rows, not sparse, int(kind == "max")))
+        torch.testing.assert_close(z.double(), _spec_rows(kind, x, geom, wt, rows if sparse
+                                   else None), rtol=1e-5, atol=1e-4)  # fmt: skip
+        want_buf = buf.clone()
+        mask = ops.quant_commit(z, want_buf, rows, bias, lo, hi, thr, mode, hw, compare, gate)
+        got_buf = buf.clone()
+        if kind in ("linear", "conv"):
+            got = ops.gemm_commit(x, taps, rows, not sparse, wt, bias, got_buf, lo, hi, thr, mode,
+                                  hw, compare, gate)  # fmt: skip
+        else:
+            got = ops.window_commit(x, geom.taps, wt, rows, not sparse, int(kind == "max"), bias,
+                                    got_buf, lo, hi, thr, mode, hw, compare, gate)  # fmt: skip
+        assert torch.equal(got_buf, want_buf)  # bit for bit: the same kernel, the same epilogue
+        if compare:
+            assert torch.equal(got, r[mask])
+            assert 0 < got.numel() < len(r)  # both outcomes drawn
+        else:
+            assert got.numel() == 0  # the first frame: no list
+
+
+@needs_cpp
+def test_fused_commit_refuses_bad_shapes():
+    ops = torch.ops.deltasparse
+    x, buf, e = torch.zeros(5, 3), torch.zeros(5, 4), torch.empty(0)
+    with pytest.raises(RuntimeError, match="w has 2 rows"):
+        ops.gemm_commit(x, e.long(), e.long(), True, torch.zeros(2, 4), e, buf, 0.0, 1.0, e, 0, 1,
+                        True, 0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.gemm_rows(x.double(), e.long(), e.long(), True, torch.zeros(3, 4), 4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("k,s,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0)])
+def test_reachable_cpp_equals_torch(k, s, pad, monkeypatch):
+    from deltasparse.engine.kernels import geometry
+
+    g = torch.Generator().manual_seed(k * 10 + s)
+    geom = WindowGeom(2, (9, 7), (out_size(9, k, s, pad, 1), out_size(7, k, s, pad, 1)), (k, k),
+                      (s, s), (pad, pad), (1, 1))  # fmt: skip
+    for n in (0, 1, 5, geom.p_in):
+        active = torch.randperm(geom.p_in, generator=g)[:n].sort().values
+        fast = torch.ops.deltasparse.reachable(geom.inverse, active, geom.p_out)
+        monkeypatch.setattr(geometry, "_cpp_loaded", lambda: False)
+        want = geom.reachable(active)
+        monkeypatch.undo()
+        assert torch.equal(fast, want)
+        # the definition: outputs whose window holds an active input
+        hit = torch.isin(geom.taps, active).any(1).nonzero().squeeze(1)
+        assert torch.equal(fast, hit)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.deltasparse.reachable(geom.inverse, torch.tensor([geom.p_in]), geom.p_out)
+
+
+@needs_cpp
+def test_engine_fused_and_unfused_paths_agree(monkeypatch):
+    """The engine on the fused kernels (MKL's SGEMM per block of rows) and, as where torch does
+    not link MKL, on the unfused ones: the same outputs as the dense model, frame by frame."""
+    from engine_helpers import ALWAYS_SPARSE, AllOps, DenseRecorder, compare_rel, converted
+
+    from deltasparse import DeltaEngine
+    from deltasparse.layers import streaming
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 3, 16, 16, generator=g)
+    gm = converted(AllOps(), x0[:1], gate="pixel", mode="hysteresis", thr=0.05)
+    rec = DenseRecorder(gm)
+    frames = [x0]
+    for _ in range(4):
+        f = frames[-1].clone()
+        f[:, :, 4:9, 3:8] += 0.3 * torch.rand(2, 3, 5, 5, generator=g)
+        frames.append(f)
+    results = []
+    for gemm in (True, False):
+        eng = DeltaEngine(gm, backend="cpp", crossover=ALWAYS_SPARSE)
+        monkeypatch.setattr(eng.backend, "_gemm", gemm)
+        with streaming(gm):
+            errs = [compare_rel(eng, rec, f) for f in frames]
+        assert max(e[0] for e in errs) < 1e-5
+        results.append(eng.step(frames[-1]).clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

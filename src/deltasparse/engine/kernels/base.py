@@ -59,6 +59,19 @@ class Backend:
     def pool(self, x: torch.Tensor, spec: PoolSpec, rows: torch.Tensor | None):
         raise NotImplementedError
 
+    # -- fused compute + state update (optional) -------------------------------------------
+    # ``rows`` and ``first`` as for the kernels and :meth:`finish`; ``out`` the op's Value,
+    # ``chain`` its pointwise chain. Returns what :meth:`finish` would, or NotImplemented
+    # (then the engine runs the kernel and :meth:`finish`).
+    def linear_commit(self, x, spec: LinearSpec, rows, out, chain, first: bool):
+        return NotImplemented
+
+    def conv_commit(self, x, spec: ConvSpec, rows, out, chain, first: bool):
+        return NotImplemented
+
+    def pool_commit(self, x, spec: PoolSpec, rows, out, chain, first: bool):
+        return NotImplemented
+
     def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
         """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
         return n

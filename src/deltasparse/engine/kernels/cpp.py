@@ -16,6 +16,14 @@ same IEEE float32 operations as the torch path (no fast-math, no FMA contraction
 to even via ``nearbyint``); the bias is added here, after the GEMM, instead of inside it, so
 the two paths agree to float rounding (and both match the dense model to float rounding).
 
+The engine's GEMM-shaped ops (1x1 and k x k convs, linear) and window ops (sparse depthwise
+rows, max pooling) also run *fused* with that epilogue (``gemm_commit``, ``window_commit``):
+the output rows in blocks of up to 256 that stay in cache, each gathered, multiplied (MKL's
+SGEMM on one thread per block, which torch's CPU library exports where it links MKL; without
+it the engine keeps the unfused oneDNN paths) and committed before the next, so the computed
+rows never go to memory and back. They return the changed rows as indices, and
+``reachable`` lists the outputs a set of changed inputs reaches in one pass over a byte mask.
+
 Set ``DELTASPARSE_NO_CPP=1`` to never build it (the engine then uses the torch path), and
 ``DELTASPARSE_CACHE`` to move the cache (default ``$XDG_CACHE_HOME/deltasparse`` or
 ``~/.cache/deltasparse``).
@@ -282,6 +290,217 @@ torch::Tensor window_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
     }
   });
   return y;
+}
+
+// Fused compute + commit: the output rows of an op in blocks that stay in cache, each block
+// computed into a thread's scratch and run through commit_row into buf at once (no (n, C)
+// result written to memory and read back, no second pass). Returns the changed output rows
+// (sorted as `rows`; empty when !compare, the first frame).
+// MKL's column-major SGEMM, exported by torch's CPU library where it links MKL (weak: absent
+// elsewhere, then at::mm_out computes the block).
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b,
+                       const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
+
+bool ds_has_sgemm() { return sgemm_ != nullptr; }
+
+// z (m, N) = a (m, K) @ w (K, N), all row-major and contiguous; one thread.
+static void ds_block_gemm(const float* a, int64_t m, int64_t K, const float* w, int64_t N,
+                          float* z) {
+  if (sgemm_ != nullptr) {  // row-major z = a w  <=>  column-major z^T = w^T a^T
+    const int M_ = (int)N, N_ = (int)m, K_ = (int)K;
+    const float one = 1.f, zero = 0.f;
+    sgemm_("N", "N", &M_, &N_, &K_, &one, w, &M_, a, &K_, &zero, z, &M_);
+    return;
+  }
+  auto o = torch::TensorOptions().dtype(torch::kFloat32);
+  auto zt = torch::from_blob(z, {m, N}, o);
+  at::mm_out(zt, torch::from_blob(const_cast<float*>(a), {m, K}, o),
+             torch::from_blob(const_cast<float*>(w), {K, N}, o));
+}
+
+template <typename Compute>
+static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const int64_t* rp,
+                                       Compute compute, torch::Tensor buf, torch::Tensor bias,
+                                       double lo, double hi, torch::Tensor thr,
+                                       int64_t thr_mode, int64_t hw, bool compare,
+                                       int64_t gate) {
+  TORCH_CHECK(buf.dtype() == torch::kFloat32 && buf.is_contiguous() && buf.dim() == 2 &&
+              buf.size(1) == C, "buf (P + 1, C_out) float32 contiguous");
+  TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
+  TORCH_CHECK(thr_mode == 0 || thr.dtype() == torch::kFloat32, "thr float32");
+  TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == C),
+              "bias (C_out,) float32");
+  std::vector<char> mask(compare ? n : 0);
+  float* bp = buf.data_ptr<float>();
+  const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
+  const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float flo = (float)lo, fhi = (float)hi;
+  const int64_t nb = (n + R - 1) / R;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> z(R * C);
+    std::vector<int64_t> ids(rp ? 0 : R);
+    std::vector<char> ch(R);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * R, m = std::min(R, n - i0);
+      compute(i0, m, z.data());
+      const int64_t* r = rp ? rp + i0 : ids.data();
+      if (!rp) for (int64_t i = 0; i < m; ++i) ids[i] = i0 + i;
+      bool* cp = reinterpret_cast<bool*>(ch.data());
+#define DS_BCASE(M, G)                                                                     \
+      if (thr_mode == M && gate == G)                                                      \
+        commit_dispatch<M, G>(z.data(), bp, r, bs, tp, cp, m, C, hw, flo, fhi, compare);
+      DS_BCASE(0, 0) DS_BCASE(1, 0) DS_BCASE(2, 0) DS_BCASE(3, 0)
+      DS_BCASE(1, 1) DS_BCASE(2, 1) DS_BCASE(3, 1) DS_BCASE(1, 2) DS_BCASE(2, 2) DS_BCASE(3, 2)
+#undef DS_BCASE
+      if (compare) std::memcpy(mask.data() + i0, ch.data(), m);
+    }
+  });
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < (compare ? n : 0); ++i) cnt += mask[i] != 0;
+  auto out = torch::empty({cnt}, buf.options().dtype(torch::kInt64));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; j < cnt; ++i)
+    if (mask[i]) op[j++] = rp ? rp[i] : i;
+  return out;
+}
+
+// Rows of a block: enough to amortise a GEMM call, few enough that the gathered inputs and
+// the block's outputs stay in L2 (~256 KB).
+static int64_t ds_block_rows(int64_t k, int64_t c) {
+  return std::max<int64_t>(16, std::min<int64_t>(256, 65536 / std::max<int64_t>(k + c, 1)));
+}
+
+// The rows of a GEMM: a Linear / 1x1 conv (taps empty: row r reads x[r]) or a k x k conv
+// (taps (P_out, k2): row r reads x[taps[r, j]] for j < k2, concatenated), times w (K, C_out).
+// compute(i0, m, z) writes rows i0..i0+m of the n listed rows (rp) or of all rows (rp null).
+struct DsGemm {
+  const float* xp; const float* wp; const int64_t* tp; const int64_t* rp;
+  int64_t cin, k2, K, C;
+  void operator()(int64_t i0, int64_t m, float* z) const {
+    if (!tp && !rp) {  // consecutive rows: the GEMM reads x in place
+      ds_block_gemm(xp + i0 * K, m, K, wp, C, z);
+      return;
+    }
+    thread_local std::vector<float> a;
+    a.resize(m * K);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = rp ? rp[i0 + i] : i0 + i;
+      float* ai = a.data() + i * K;
+      if (!tp) {
+        std::memcpy(ai, xp + r * cin, cin * sizeof(float));
+      } else {
+        const int64_t* ti = tp + r * k2;
+        for (int64_t j = 0; j < k2; ++j)
+          std::memcpy(ai + j * cin, xp + ti[j] * cin, cin * sizeof(float));
+      }
+    }
+    ds_block_gemm(a.data(), m, K, wp, C, z);
+  }
+};
+
+static DsGemm ds_gemm(torch::Tensor x, torch::Tensor taps, torch::Tensor rows, bool all,
+                      torch::Tensor w, int64_t p_out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x (P_in + 1, C_in) float32 contiguous");
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(),
+              "w (K, C_out) float32 contiguous");
+  const bool g = taps.numel() > 0;
+  DsGemm d;
+  d.cin = x.size(1); d.k2 = g ? taps.size(1) : 1; d.K = d.k2 * d.cin; d.C = w.size(1);
+  TORCH_CHECK(w.size(0) == d.K, "w has ", w.size(0), " rows, the taps give ", d.K);
+  TORCH_CHECK(!g || (taps.dtype() == torch::kInt64 && taps.is_contiguous() &&
+                     taps.size(0) == p_out), "taps (P_out, k2) int64");
+  TORCH_CHECK(g || x.size(0) == p_out + 1, "x and the output: the same rows");
+  TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
+  d.xp = x.data_ptr<float>(); d.wp = w.data_ptr<float>();
+  d.tp = g ? taps.data_ptr<int64_t>() : nullptr;
+  d.rp = all ? nullptr : rows.data_ptr<int64_t>();
+  return d;
+}
+
+// z (n, C_out): the GEMM rows (rows (n,) int64, or every output row when `all`).
+torch::Tensor gemm_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor rows, bool all,
+                        torch::Tensor w, int64_t p_out) {
+  const DsGemm d = ds_gemm(x, taps, rows, all, w, p_out);
+  const int64_t n = all ? p_out : rows.size(0), R = ds_block_rows(d.K, d.C);
+  auto z = torch::empty({n, d.C}, x.options());
+  float* zp = z.data_ptr<float>();
+  at::parallel_for(0, (n + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      d(blk * R, std::min(R, n - blk * R), zp + blk * R * d.C);
+  });
+  return z;
+}
+
+// The GEMM rows, then the epilogue of quant_commit into buf (P_out + 1, C_out).
+torch::Tensor gemm_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor rows, bool all,
+                          torch::Tensor w, torch::Tensor bias, torch::Tensor buf, double lo,
+                          double hi, torch::Tensor thr, int64_t thr_mode, int64_t hw,
+                          bool compare, int64_t gate) {
+  const int64_t p_out = buf.size(0) - 1;
+  const DsGemm d = ds_gemm(x, taps, rows, all, w, p_out);
+  const int64_t n = all ? p_out : rows.size(0);
+  return ds_blocked_commit(n, d.C, ds_block_rows(d.K, d.C), d.rp, d, buf, bias, lo, hi, thr,
+                           thr_mode, hw, compare, gate);
+}
+
+// window_rows (depthwise conv, mode 0, or max pooling, mode 1) fused with the epilogue.
+torch::Tensor window_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
+                            torch::Tensor rows, bool all, int64_t mode, torch::Tensor bias,
+                            torch::Tensor buf, double lo, double hi, torch::Tensor thr,
+                            int64_t thr_mode, int64_t hw, bool compare, int64_t gate) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x (P_in + 1, C) float32");
+  TORCH_CHECK(taps.dtype() == torch::kInt64 && taps.dim() == 2, "taps (P_out, k2) int64");
+  TORCH_CHECK(x.is_contiguous() && taps.is_contiguous(), "contiguous only");
+  TORCH_CHECK(mode == 0 || mode == 1, "mode 0 (depthwise) or 1 (max)");
+  const int64_t C = x.size(1), k2 = taps.size(1), pad = x.size(0) - 1;
+  TORCH_CHECK(mode == 1 || (w.dtype() == torch::kFloat32 && w.is_contiguous() &&
+                            w.size(0) == k2 && w.size(1) == C), "w (k2, C) float32");
+  TORCH_CHECK(taps.size(0) == buf.size(0) - 1, "taps (P_out, k2), buf (P_out + 1, C)");
+  TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
+  const int64_t n = all ? taps.size(0) : rows.size(0);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = mode == 0 ? w.data_ptr<float>() : nullptr;
+  const int64_t* tp = taps.data_ptr<int64_t>();
+  const int64_t* rp = all ? nullptr : rows.data_ptr<int64_t>();
+  auto compute = [&](int64_t i0, int64_t m, float* z) {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t* ti = tp + (rp ? rp[i0 + i] : i0 + i) * k2;
+      if (mode == 0) window_row<0>(xp, ti, wp, z + i * C, C, k2, pad);
+      else window_row<1>(xp, ti, wp, z + i * C, C, k2, pad);
+    }
+  };
+  const int64_t R = std::max<int64_t>(8, std::min<int64_t>(256, 16384 / std::max<int64_t>(C, 1)));
+  return ds_blocked_commit(n, C, R, rp, compute, buf, bias, lo, hi, thr, thr_mode, hw, compare,
+                           gate);
+}
+
+// The sorted output rows whose window holds one of the `active` input rows: inverse
+// (P_in, k2) int64 lists the output each input reaches through each tap (p_out: none).
+torch::Tensor reachable(torch::Tensor inverse, torch::Tensor active, int64_t p_out) {
+  TORCH_CHECK(inverse.dtype() == torch::kInt64 && inverse.dim() == 2 && inverse.is_contiguous(),
+              "inverse (P_in, k2) int64");
+  TORCH_CHECK(active.dtype() == torch::kInt64 && active.dim() == 1 && active.is_contiguous(),
+              "active (n,) int64");
+  const int64_t n = active.size(0), k2 = inverse.size(1), p_in = inverse.size(0);
+  const int64_t* ip = inverse.data_ptr<int64_t>();
+  const int64_t* ap = active.data_ptr<int64_t>();
+  std::vector<uint8_t> mask(p_out + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = ap[i];
+    TORCH_CHECK(a >= 0 && a < p_in, "reachable: active row ", a, " outside [0, ", p_in, ")");
+    const int64_t* t = ip + a * k2;
+    for (int64_t j = 0; j < k2; ++j) mask[t[j]] = 1;  // p_out: the dump slot
+  }
+  int64_t cnt = 0;
+  for (int64_t r = 0; r < p_out; ++r) cnt += mask[r];
+  auto out = torch::empty({cnt}, active.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0, j = 0; j < cnt; ++r)
+    if (mask[r]) op[j++] = r;
+  return out;
 }
 
 // Training gate of DeltaActivation on a clip (B, T, C, ...) float32 (S: the positions), fused: activation ->
@@ -701,6 +920,15 @@ TORCH_LIBRARY(deltasparse, m) {
   m.def("gate_backward(Tensor gq, Tensor x, Tensor sent, Tensor w, float gls, Tensor thr, "
         "int act, bool hyst, bool pixel, bool need_thr) -> Tensor[]");
   m.def("pixel_loss(Tensor norm, Tensor spec, int c) -> Tensor[]");
+  m.def("gemm_commit(Tensor x, Tensor taps, Tensor rows, bool all, Tensor w, Tensor bias, "
+        "Tensor(a!) buf, float lo, float hi, Tensor thr, int thr_mode, int hw, bool compare, "
+        "int gate) -> Tensor");
+  m.def("window_commit(Tensor x, Tensor taps, Tensor w, Tensor rows, bool all, int mode, "
+        "Tensor bias, Tensor(a!) buf, float lo, float hi, Tensor thr, int thr_mode, int hw, "
+        "bool compare, int gate) -> Tensor");
+  m.def("gemm_rows(Tensor x, Tensor taps, Tensor rows, bool all, Tensor w, int p_out) -> Tensor");
+  m.def("has_sgemm() -> bool", &ds_has_sgemm);
+  m.def("reachable(Tensor inverse, Tensor active, int p_out) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
@@ -709,12 +937,17 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("gate_forward", &gate_forward);
   m.impl("gate_backward", &gate_backward);
   m.impl("pixel_loss", &pixel_loss);
+  m.impl("gemm_commit", &gemm_commit);
+  m.impl("gemm_rows", &gemm_rows);
+  m.impl("reachable", &reachable);
+  m.impl("window_commit", &window_commit);
 }
+
 """
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 12
+_VERSION = 13
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread

@@ -129,6 +129,8 @@ class WindowGeom:
             return active
         if active.numel() == 0:
             return active
+        if active.device.type == "cpu" and _cpp_loaded():
+            return torch.ops.deltasparse.reachable(self.inverse, active, self.p_out)
         cand = self.inverse.index_select(0, active).reshape(-1)
         if cand.numel() * 16 < self.p_out:  # few candidates: sort them, skip the O(P) mask
             r = torch.unique(cand)
@@ -143,6 +145,13 @@ class WindowGeom:
             for t in (self._taps, self._valid, self._inverse)
             if t is not None
         )
+
+
+def _cpp_loaded() -> bool:
+    """Whether the C++ ops are loaded (the C++ backend loads them; never built from here)."""
+    from . import cpp
+
+    return cpp.load(build=False) is not None
 
 
 class GeometryCache:

@@ -193,12 +193,78 @@ class CppBackend(TorchBackend):
         from . import cpp
 
         self._op = cpp.load()
+        # MKL's SGEMM, called per block of rows from the fused kernels (where torch links
+        # MKL; elsewhere the inherited oneDNN / GEMM paths run and the fused ones do not)
+        self._gemm = bool(torch.ops.deltasparse.has_sgemm())
 
     @classmethod
     def available(cls, device: torch.device | str = "cpu") -> bool:
         from . import cpp
 
         return torch.device(device).type == "cpu" and cpp.available()
+
+    def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
+        if kernel == "linear" and self._gemm:
+            return n  # the blocked GEMM computes exactly the listed rows (no padding)
+        return super().rows_computed(kernel, n, total, macs_per_row)
+
+    def linear(self, x, spec, rows):
+        if not self._gemm or x.dtype != torch.float32:
+            return super().linear(x, spec, rows)
+        return self._gemm_rows(x, _NO_ROWS, rows, spec.wt, x.shape[0] - 1)
+
+    def conv(self, x, spec, rows):
+        if rows is None or spec.groups != 1 or not self._gemm or x.dtype != torch.float32:
+            return super().conv(x, spec, rows)
+        return self._gemm_rows(x, spec.geom.taps, rows, spec.w_taps, spec.geom.p_out)
+
+    @staticmethod
+    def _gemm_rows(x, taps, rows, w, p_out: int):
+        r = _NO_ROWS if rows is None else rows
+        return torch.ops.deltasparse.gemm_rows(x, taps, r, rows is None, w, p_out)
+
+    def _fused(self, x, out, chain) -> tuple | None:
+        """The chain's fused parameters when a fused kernel can run it (float32 throughout)."""
+        if x.dtype != torch.float32 or out.buf.dtype != torch.float32:
+            return None
+        return chain.fused
+
+    def _commit(self, kernel, x, taps, rows, w, bias, out, chain, first: bool, mode: int = 0):
+        lo, hi, thr, thr_mode, gate = chain.fused
+        r = _NO_ROWS if rows is None else rows
+        b = _NO_BIAS if bias is None else bias
+        if kernel == "gemm":
+            changed = torch.ops.deltasparse.gemm_commit(x, taps, r, rows is None, w, b, out.buf,
+                                                        lo, hi, thr, thr_mode, chain.hw,
+                                                        not first, gate)  # fmt: skip
+        else:
+            changed = torch.ops.deltasparse.window_commit(x, taps, w, r, rows is None, mode, b,
+                                                          out.buf, lo, hi, thr, thr_mode,
+                                                          chain.hw, not first, gate)  # fmt: skip
+        return None if first else changed
+
+    def linear_commit(self, x, spec, rows, out, chain, first):
+        if not self._gemm or self._fused(x, out, chain) is None:
+            return NotImplemented
+        return self._commit("gemm", x, _NO_ROWS, rows, spec.wt, spec.bias, out, chain, first)
+
+    def conv_commit(self, x, spec, rows, out, chain, first):
+        # every row: oneDNN's dense conv (the gathers of k^2 taps cost more than they save)
+        if rows is None or self._fused(x, out, chain) is None:
+            return NotImplemented
+        if spec.depthwise:
+            return self._commit("window", x, spec.geom.taps, rows, spec.w_taps, spec.bias, out,
+                                chain, first)  # fmt: skip
+        if spec.groups != 1 or not self._gemm:
+            return NotImplemented
+        return self._commit("gemm", x, spec.geom.taps, rows, spec.w_taps, spec.bias, out, chain,
+                            first)  # fmt: skip
+
+    def pool_commit(self, x, spec, rows, out, chain, first):
+        if spec.mode != "max" or self._fused(x, out, chain) is None:
+            return NotImplemented
+        return self._commit("window", x, spec.geom.taps, rows, _NO_BIAS, None, out, chain,
+                            first, mode=1)  # fmt: skip
 
     def depthwise(self, x, spec, rows):
         # every row: oneDNN's dense depthwise conv (~2.4x faster than the row kernel there)
