@@ -157,6 +157,12 @@ class DeltaEngine:
                     "backend 'auto' runs 'torch' because the C++ engine op could not be built "
                     f"({cpp.build_error()}); the fused epilogue is lost (slower)", depth=2,
                 )
+        if getattr(resolved, "_gemm", True) is False:
+            self._fallback(
+                "backend 'cpp': this torch does not export MKL's sgemm_, so the GEMM rows are "
+                "not fused with the epilogue (oneDNN and a separate pass run instead, slower)",
+                depth=2,
+            )
         return resolved
 
     def _check_layers(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 
 import pytest
 import torch
@@ -246,9 +247,11 @@ def _spec_rows(kind, x, geom, w, rows):
 @pytest.mark.parametrize("mode,gate", [(0, 0), (2, 0), (1, 1), (3, 1), (2, 2), (3, 2)])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("c_in,c_out", [(3, 5), (40, 70)])
-def test_fused_commit_matches_compute_then_quant_commit(kind, mode, gate, sparse, c_in, c_out):
-    g = torch.Generator().manual_seed(hash((kind, mode, gate, sparse, c_in, c_out)) % 2**31)
-    b, h, w = 3, 9, 7
+@pytest.mark.parametrize("b", [3, 40])  # 40: many blocks of rows, over both threads
+def test_fused_commit_matches_compute_then_quant_commit(kind, mode, gate, sparse, c_in, c_out, b):
+    key = repr((kind, mode, gate, sparse, c_in, c_out, b)).encode()
+    g = torch.Generator().manual_seed(zlib.crc32(key))
+    h, w = 9, 7
     if kind == "linear":
         geom = WindowGeom(b, (h, w), (h, w), (1, 1), (1, 1), (0, 0), (1, 1))
     else:
@@ -342,6 +345,7 @@ def test_engine_fused_and_unfused_paths_agree(monkeypatch):
     from engine_helpers import ALWAYS_SPARSE, AllOps, DenseRecorder, compare_rel, converted
 
     from deltasparse import DeltaEngine
+    from deltasparse.engine import FallbackWarning
     from deltasparse.layers import streaming
 
     g = torch.Generator().manual_seed(3)
@@ -355,8 +359,15 @@ def test_engine_fused_and_unfused_paths_agree(monkeypatch):
         frames.append(f)
     results = []
     for gemm in (True, False):
-        eng = DeltaEngine(gm, backend="cpp", crossover=ALWAYS_SPARSE)
-        monkeypatch.setattr(eng.backend, "_gemm", gemm)
+        monkeypatch.setattr(torch.ops.deltasparse, "has_sgemm", lambda gemm=gemm: gemm)
+        if gemm:
+            eng = DeltaEngine(gm, backend="cpp", crossover=ALWAYS_SPARSE)
+            assert not eng.stats.fallbacks
+        else:  # the slower path is announced
+            with pytest.warns(FallbackWarning, match="sgemm_"):
+                eng = DeltaEngine(gm, backend="cpp", crossover=ALWAYS_SPARSE)
+            assert any("sgemm_" in f for f in eng.stats.fallbacks)
+        assert eng.backend._gemm is gemm
         with streaming(gm):
             errs = [compare_rel(eng, rec, f) for f in frames]
         assert max(e[0] for e in errs) < 1e-5

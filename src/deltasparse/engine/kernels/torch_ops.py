@@ -203,8 +203,15 @@ class CppBackend(TorchBackend):
 
         return torch.device(device).type == "cpu" and cpp.available()
 
+    _float32 = True  # the engine's dtype (prepare): other dtypes take the inherited paths
+
+    def prepare(self, spec) -> None:
+        super().prepare(spec)
+        if isinstance(spec, LinearSpec):
+            self._float32 = spec.wt.dtype == torch.float32
+
     def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
-        if kernel == "linear" and self._gemm:
+        if kernel == "linear" and self._gemm and self._float32:
             return n  # the blocked GEMM computes exactly the listed rows (no padding)
         return super().rows_computed(kernel, n, total, macs_per_row)
 
