@@ -314,6 +314,13 @@ def test_fused_commit_refuses_bad_shapes():
                         True, 0)  # fmt: skip
     with pytest.raises(RuntimeError, match="float32"):
         ops.gemm_rows(x.double(), e.long(), e.long(), True, torch.zeros(3, 4), 4)
+    w = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="row 4 outside"):
+        ops.gemm_commit(x, e.long(), torch.tensor([4]), False, w, e, buf, 0.0, 1.0, e, 0, 1,
+                        True, 0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="thr_mode 2"):
+        ops.gemm_commit(x, e.long(), e.long(), True, w, e, buf, 0.0, 1.0, torch.ones(3), 2, 1,
+                        True, 0)  # fmt: skip
 
 
 @needs_cpp

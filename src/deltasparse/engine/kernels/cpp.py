@@ -330,8 +330,15 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
               buf.size(1) == C, "buf (P + 1, C_out) float32 contiguous");
   TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
   TORCH_CHECK(thr_mode == 0 || thr.dtype() == torch::kFloat32, "thr float32");
+  TORCH_CHECK(thr_mode != 1 || thr.numel() >= 1, "thr_mode 1: one threshold");
+  TORCH_CHECK(thr_mode != 2 || thr.numel() == C, "thr_mode 2: C_out thresholds");
+  TORCH_CHECK(thr_mode != 3 || (hw > 0 && thr.numel() == hw * C && (buf.size(0) - 1) % hw == 0),
+              "thr_mode 3: hw * C_out thresholds");
   TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == C),
               "bias (C_out,) float32");
+  const int64_t p_out = buf.size(0) - 1;
+  for (int64_t i = 0; rp && i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < p_out, "row ", rp[i], " outside [0, ", p_out, ")");
   std::vector<char> mask(compare ? n : 0);
   float* bp = buf.data_ptr<float>();
   const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
@@ -947,7 +954,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 13
+_VERSION = 14
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
