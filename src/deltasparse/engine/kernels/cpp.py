@@ -128,6 +128,18 @@ static void commit_dispatch(const float* zp, float* bp, const int64_t* rp, const
   else commit_all<MODE, false, false, GATE>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi);
 }
 
+// commit_dispatch for the runtime (thr_mode, gate) pair (the pairs quant_commit accepts).
+static void commit_modes(int64_t thr_mode, int64_t gate, const float* zp, float* bp,
+                         const int64_t* rp, const float* bs, const float* tp, bool* cp,
+                         int64_t n, int64_t C, int64_t hw, float lo, float hi, bool compare) {
+#define DS_CASE(M, G)                                                                      \
+  if (thr_mode == M && gate == G)                                                          \
+    commit_dispatch<M, G>(zp, bp, rp, bs, tp, cp, n, C, hw, lo, hi, compare);
+  DS_CASE(0, 0) DS_CASE(1, 0) DS_CASE(2, 0) DS_CASE(3, 0)
+  DS_CASE(1, 1) DS_CASE(2, 1) DS_CASE(3, 1) DS_CASE(1, 2) DS_CASE(2, 2) DS_CASE(3, 2)
+#undef DS_CASE
+}
+
 // z (n, C) float32; buf (P + 1, C) float32; rows (n,) int64 or empty (row i <-> buf row i).
 // thr_mode: 0 none, 1 scalar thr[0], 2 per channel thr[c], 3 per position thr[(r % hw) * C + c].
 // gate: 0 grid quantiser, 1 scalar hysteresis, 2 pixel hysteresis (needs thr_mode > 0).
@@ -146,13 +158,7 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
   const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
   bool* cp = changed.data_ptr<bool>();
-  const float flo = (float)lo, fhi = (float)hi;
-#define DS_CASE(M, G)                                                                      \
-  if (thr_mode == M && gate == G)                                                          \
-    commit_dispatch<M, G>(zp, bp, rp, bs, tp, cp, n, C, hw, flo, fhi, compare);
-  DS_CASE(0, 0) DS_CASE(1, 0) DS_CASE(2, 0) DS_CASE(3, 0)
-  DS_CASE(1, 1) DS_CASE(2, 1) DS_CASE(3, 1) DS_CASE(1, 2) DS_CASE(2, 2) DS_CASE(3, 2)
-#undef DS_CASE
+  commit_modes(thr_mode, gate, zp, bp, rp, bs, tp, cp, n, C, hw, (float)lo, (float)hi, compare);
   return changed;
 }
 
@@ -263,31 +269,47 @@ static inline void window_row(const float* xp, const int64_t* ti, const float* w
   if (c0 < C) window_block<MODE, 0>(xp, ti, wp, yi, C, c0, C - c0, k2, pad);
 }
 
-torch::Tensor window_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
+// Depthwise conv (mode 0) or max pooling (mode 1) rows: compute(i0, m, y) writes rows
+// i0..i0+m of the n listed rows (rp) or of all rows (rp null).
+struct DsWindow {
+  const float* xp; const float* wp; const int64_t* tp; const int64_t* rp;
+  int64_t C, k2, pad, mode;
+  void operator()(int64_t i0, int64_t m, float* y) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t* ti = tp + (rp ? rp[i0 + i] : i0 + i) * k2;
+      if (mode == 0) window_row<0>(xp, ti, wp, y + i * C, C, k2, pad);
+      else window_row<1>(xp, ti, wp, y + i * C, C, k2, pad);
+    }
+  }
+};
+
+static DsWindow ds_window(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
                           torch::Tensor rows, bool all, int64_t mode) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x (P_in + 1, C) float32");
   TORCH_CHECK(taps.dtype() == torch::kInt64 && taps.dim() == 2, "taps (P_out, k2) int64");
   TORCH_CHECK(x.is_contiguous() && taps.is_contiguous(), "contiguous only");
   TORCH_CHECK(mode == 0 || mode == 1, "mode 0 (depthwise) or 1 (max)");
-  const int64_t C = x.size(1), k2 = taps.size(1), pad = x.size(0) - 1;
+  DsWindow d;
+  d.C = x.size(1); d.k2 = taps.size(1); d.pad = x.size(0) - 1; d.mode = mode;
   TORCH_CHECK(mode == 1 || (w.dtype() == torch::kFloat32 && w.is_contiguous() &&
-                            w.size(0) == k2 && w.size(1) == C), "w (k2, C) float32");
+                            w.size(0) == d.k2 && w.size(1) == d.C), "w (k2, C) float32");
   TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
+  d.xp = x.data_ptr<float>();
+  d.wp = mode == 0 ? w.data_ptr<float>() : nullptr;
+  d.tp = taps.data_ptr<int64_t>();
+  d.rp = all ? nullptr : rows.data_ptr<int64_t>();
+  return d;
+}
+
+torch::Tensor window_rows(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
+                          torch::Tensor rows, bool all, int64_t mode) {
+  const DsWindow d = ds_window(x, taps, w, rows, all, mode);
   const int64_t n = all ? taps.size(0) : rows.size(0);
-  auto y = torch::empty({n, C}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = mode == 0 ? w.data_ptr<float>() : nullptr;
-  const int64_t* tp = taps.data_ptr<int64_t>();
-  const int64_t* rp = all ? nullptr : rows.data_ptr<int64_t>();
+  auto y = torch::empty({n, d.C}, x.options());
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(C * k2 / 9, 1));
+  const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(d.C * d.k2 / 9, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t* ti = tp + (rp ? rp[i] : i) * k2;
-      float* yi = yp + i * C;
-      if (mode == 0) window_row<0>(xp, ti, wp, yi, C, k2, pad);
-      else window_row<1>(xp, ti, wp, yi, C, k2, pad);
-    }
+    d(begin, end - begin, yp + begin * d.C);
   });
   return y;
 }
@@ -348,20 +370,14 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> z(R * C);
     std::vector<int64_t> ids(rp ? 0 : R);
-    std::vector<char> ch(R);
+    std::vector<char> ch(compare ? 0 : R);  // the first frame's flags, not kept
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * R, m = std::min(R, n - i0);
       compute(i0, m, z.data());
       const int64_t* r = rp ? rp + i0 : ids.data();
       if (!rp) for (int64_t i = 0; i < m; ++i) ids[i] = i0 + i;
-      bool* cp = reinterpret_cast<bool*>(ch.data());
-#define DS_BCASE(M, G)                                                                     \
-      if (thr_mode == M && gate == G)                                                      \
-        commit_dispatch<M, G>(z.data(), bp, r, bs, tp, cp, m, C, hw, flo, fhi, compare);
-      DS_BCASE(0, 0) DS_BCASE(1, 0) DS_BCASE(2, 0) DS_BCASE(3, 0)
-      DS_BCASE(1, 1) DS_BCASE(2, 1) DS_BCASE(3, 1) DS_BCASE(1, 2) DS_BCASE(2, 2) DS_BCASE(3, 2)
-#undef DS_BCASE
-      if (compare) std::memcpy(mask.data() + i0, ch.data(), m);
+      bool* cp = reinterpret_cast<bool*>(compare ? mask.data() + i0 : ch.data());
+      commit_modes(thr_mode, gate, z.data(), bp, r, bs, tp, cp, m, C, hw, flo, fhi, compare);
     }
   });
   int64_t cnt = 0;
@@ -458,29 +474,11 @@ torch::Tensor window_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor w
                             torch::Tensor rows, bool all, int64_t mode, torch::Tensor bias,
                             torch::Tensor buf, double lo, double hi, torch::Tensor thr,
                             int64_t thr_mode, int64_t hw, bool compare, int64_t gate) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x (P_in + 1, C) float32");
-  TORCH_CHECK(taps.dtype() == torch::kInt64 && taps.dim() == 2, "taps (P_out, k2) int64");
-  TORCH_CHECK(x.is_contiguous() && taps.is_contiguous(), "contiguous only");
-  TORCH_CHECK(mode == 0 || mode == 1, "mode 0 (depthwise) or 1 (max)");
-  const int64_t C = x.size(1), k2 = taps.size(1), pad = x.size(0) - 1;
-  TORCH_CHECK(mode == 1 || (w.dtype() == torch::kFloat32 && w.is_contiguous() &&
-                            w.size(0) == k2 && w.size(1) == C), "w (k2, C) float32");
+  const DsWindow d = ds_window(x, taps, w, rows, all, mode);
   TORCH_CHECK(taps.size(0) == buf.size(0) - 1, "taps (P_out, k2), buf (P_out + 1, C)");
-  TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
   const int64_t n = all ? taps.size(0) : rows.size(0);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = mode == 0 ? w.data_ptr<float>() : nullptr;
-  const int64_t* tp = taps.data_ptr<int64_t>();
-  const int64_t* rp = all ? nullptr : rows.data_ptr<int64_t>();
-  auto compute = [&](int64_t i0, int64_t m, float* z) {
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t* ti = tp + (rp ? rp[i0 + i] : i0 + i) * k2;
-      if (mode == 0) window_row<0>(xp, ti, wp, z + i * C, C, k2, pad);
-      else window_row<1>(xp, ti, wp, z + i * C, C, k2, pad);
-    }
-  };
-  const int64_t R = std::max<int64_t>(8, std::min<int64_t>(256, 16384 / std::max<int64_t>(C, 1)));
-  return ds_blocked_commit(n, C, R, rp, compute, buf, bias, lo, hi, thr, thr_mode, hw, compare,
+  const int64_t R = std::max<int64_t>(8, std::min<int64_t>(256, 16384 / std::max<int64_t>(d.C, 1)));
+  return ds_blocked_commit(n, d.C, R, d.rp, d, buf, bias, lo, hi, thr, thr_mode, hw, compare,
                            gate);
 }
 
@@ -954,7 +952,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 14
+_VERSION = 15
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
