@@ -15,7 +15,7 @@ import torch
 import deltasparse.train as train_mod
 from deltasparse.cli import main
 from deltasparse.layers import ActivationL1, DeltaActivation
-from deltasparse.train import TrainConfig, load_model, train
+from deltasparse.train import TrainConfig, build_teacher, distill_loss, load_model, train
 
 TINY = dict(
     data="synthetic",
@@ -249,6 +249,8 @@ def test_bench_cli_with_trained_checkpoint(recipe, tmp_path):
     ("resolution", 33, "--resolution) must be an even integer >= 8 (the embedded videos"),
     ("layout", "ucf", "--layout) must be one of auto, ucf101, folder"),
     ("device", "gpu", "--device) must be one of auto, cpu, cuda"),
+    ("distill", 1.5, "--distill) must be a number in [0, 1]"),
+    ("distill_temperature", 0.0, "--distill-temperature) must be a finite number > 0"),
 ])
 def test_config_fields_are_validated_up_front(field, value, expected):
     with pytest.raises(ValueError) as err:
@@ -410,3 +412,42 @@ def test_run_files_are_strict_json(tmp_path):
     text = (tmp_path / "a").read_text()
     assert json.loads(text) == {"op_reduction": None, "x": [None, 1.0]}
     assert "Infinity" not in text and "NaN" not in text
+
+
+def test_distill_loss_is_hintons_blend():
+    """(1 - w)·CE + w·T²·KL(teacher_T ‖ student_T), checked on a hand-sized case."""
+    s = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    ce = -torch.log_softmax(s, -1)[0, 0]
+    T = 2.0
+    p_t, p_s = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum() * T * T
+    torch.testing.assert_close(distill_loss(s, t, y, 0.0, T), ce)
+    torch.testing.assert_close(distill_loss(s, t, y, 0.25, T), 0.75 * ce + 0.25 * kl)
+    torch.testing.assert_close(distill_loss(t, t, y, 1.0, T), torch.tensor(0.0))
+
+
+def test_distill_needs_a_teacher():
+    with pytest.raises(ValueError, match=r"--distill\) 0.5 needs a teacher: the --init-from"):
+        TrainConfig(**{**TINY, "phase": "delta", "distill": 0.5})
+
+
+def test_distillation_trains_from_the_init_from_model(recipe, tmp_path):
+    """The teacher is the --init-from model exactly (rebuilt from its run's configuration,
+    its phase's layers included), frozen; a distilled phase trains and records the setting."""
+    root, _ = recipe
+    init = root / "l1" / "model.pt"
+    cfg = _cfg(tmp_path, "delta", init_from=str(init), epochs=1, clip_len=2, eval_clip_len=4,
+               sparsity_weight=1e-2, distill=0.5, distill_temperature=3.0)
+    teacher = build_teacher(cfg, 4, torch.device("cpu"))
+    l1, _, _ = load_model(init)
+    x = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), l1.eval()(x), rtol=0, atol=0)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert sum(isinstance(m, ActivationL1) for m in teacher.modules()) == 27
+    result = train(cfg)
+    assert 0 <= result["accuracy"] <= 1
+    saved = json.loads((tmp_path / "delta" / "config.json").read_text())
+    assert saved["distill"] == 0.5 and saved["distill_temperature"] == 3.0

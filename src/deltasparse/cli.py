@@ -76,6 +76,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--weight-decay", type=float)
     opt(g, "--lr-schedule", choices=["cosine", "constant"])
     opt(g, "--warmup-epochs", type=float)
+    opt(g, "--distill", "weight of the --init-from model's soft targets (knowledge "
+        "distillation; 0: cross-entropy only)", type=float)
+    opt(g, "--distill-temperature", "softmax temperature of the distillation", type=float)
     g = p.add_argument_group("sparsity")
     opt(g, "--sparsity-weight", type=float)
     opt(g, "--sparsity-schedule", choices=["constant", "linear", "sine"])

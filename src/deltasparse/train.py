@@ -125,6 +125,9 @@ class TrainConfig:
     mode: str = "grid"  # "grid" (the paper) or "hysteresis" (send changes above the step)
     input_gate: bool = False  # a delta layer on the input pixels too
     input_threshold_init: float | None = None  # its initial step (default threshold_init)
+    # knowledge distillation from the --init-from model (the phase's starting point) as teacher
+    distill: float = 0.0  # weight of the teacher's soft targets; 0 = cross-entropy only
+    distill_temperature: float = 2.0
     # execution
     amp: str | None = None  # "bf16" on GPU
     device: str = "auto"
@@ -215,6 +218,8 @@ def _validate(cfg: TrainConfig) -> None:
         "threshold_init": (_num_above(0, strict=True), 0.05),
         "input_threshold_init": (_optional(_num_above(0, strict=True)), 0.05),
         "threshold_lr_mult": (_num_above(0, strict=False), 1.0),
+        "distill": (((lambda v: _is_num(v) and 0 <= v <= 1), "a number in [0, 1]"), 0.5),
+        "distill_temperature": (_num_above(0, strict=True), 2.0),
         "seed": (_int_at_least(0), 0),
         "data": (((lambda v: isinstance(v, str) and v.strip() != ""),
                   "'synthetic' or a dataset folder"), "synthetic"),
@@ -245,6 +250,9 @@ def _validate(cfg: TrainConfig) -> None:
                 f"resolution (--resolution) must be a multiple of {cfg.model}'s patch size 16, "
                 f"got {cfg.resolution}; pass e.g. --resolution {16 * max(1, cfg.resolution // 16)}"
             )
+    if cfg.distill and not cfg.init_from:
+        raise ValueError(f"distill (--distill) {cfg.distill} needs a teacher: the --init-from "
+                         "model is it; pass --init-from <run>/model.pt or --distill 0")
     if cfg.data == "synthetic" and cfg.resolution % 2:
         raise ValueError(f"resolution (--resolution) must be an even integer >= {MIN_RESOLUTION} "
                          f"(the embedded videos are H.264 4:2:0: even frame sizes), got "
@@ -555,6 +563,41 @@ def _init_from(model: VideoModel, path: str, class_names: list[str], data: str) 
         )
 
 
+def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> VideoModel:
+    """The ``--init-from`` model, frozen in eval mode: the soft targets of ``--distill``.
+
+    It is rebuilt from its own run's configuration (its phase's layers included) and loaded
+    strictly, so that the teacher is exactly the model the phase started from.
+    """
+    ckpt = load_checkpoint(cfg.init_from)
+    saved = ckpt.get("config")
+    if saved is None:
+        raise ValueError(f"--init-from {cfg.init_from} holds no run configuration, so it cannot "
+                         "be rebuilt as the --distill teacher; use a model.pt written by "
+                         "`deltasparse train`, or pass --distill 0")
+    tcfg = TrainConfig.from_dict({**saved, "out": cfg.out, "init_from": None, "distill": 0.0})
+    teacher = build_model(tcfg, num_classes)
+    sample = torch.zeros(1, 2, 3, tcfg.resolution, tcfg.resolution)
+    _materialise(teacher, sample, tcfg)
+    teacher.load_state_dict(ckpt["model"])
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+                 weight: float, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s blend: ``(1 - w)·CE(y) + w·T²·KL(teacher_T ‖ student_T)``."""
+    task = F.cross_entropy(logits, y)
+    if weight == 0:
+        return task
+    t = temperature
+    soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return (1 - weight) * task + weight * soft
+
+
 def _materialise(model: VideoModel, sample: torch.Tensor, cfg: TrainConfig) -> None:
     """One forward so that lazily created thresholds exist before the optimizer is built."""
     with torch.no_grad():
@@ -711,6 +754,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     model.to(device)
     sample = train_set[0][0].unsqueeze(0).to(device)
     _materialise(model, sample, cfg)
+    teacher = build_teacher(cfg, num_classes, device) if cfg.distill else None
     opt = _optimizer(cfg, model)
     steps_per_epoch = len(_loader(train_set, cfg, train=True))
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
@@ -761,7 +805,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(cfg, device):
                     logits = net(x)
-                    task = F.cross_entropy(logits.float(), y)
+                    if teacher is None:
+                        task = F.cross_entropy(logits.float(), y)
+                    else:
+                        with torch.no_grad():
+                            t_logits = teacher(x).float()
+                        task = distill_loss(logits.float(), t_logits, y, cfg.distill,
+                                            cfg.distill_temperature)
                     sparse = sparsity_loss(model)
                     loss = task + sparse
                 opt.zero_grad(set_to_none=True)

@@ -106,15 +106,15 @@ def test_cpp_hysteresis_epilogue_equals_torch(gate, thr_mode, sparse):
 @pytest.mark.parametrize("gate", [0, 1, 2])
 @pytest.mark.parametrize("thr_mode", [1, 2, 3])
 @pytest.mark.parametrize("c", [3, 5])
-def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c):
+@pytest.mark.parametrize("b,h,w", [(2, 3, 4), (3, 20, 30)])  # 20x30: blocks of 256 pixels
+def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c, b, h, w):
     """frame_gate (store the NCHW frame's rows and gate them, one pass) == the input op's
     copy followed by quant_commit over every row."""
     from deltasparse.engine.kernels import cpp
 
     if not cpp.available():
         pytest.skip("the C++ engine op is not available here")
-    g = torch.Generator().manual_seed(gate * 100 + thr_mode * 10 + c)
-    b, h, w = 2, 3, 4
+    g = torch.Generator().manual_seed(gate * 100 + thr_mode * 10 + c + h)
     p, hw = b * h * w, h * w
     frame0 = torch.rand(b, c, h, w, generator=g)
     thr = {1: torch.tensor([0.1]), 2: 0.05 + 0.2 * torch.rand(c, generator=g),

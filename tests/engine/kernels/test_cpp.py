@@ -178,7 +178,7 @@ def test_quant_commit_refuses_float64():
 @needs_cpp
 @pytest.mark.parametrize("k,s,pad,d", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1),
                                         (3, 1, 2, 2), (3, 2, 0, 1)])  # fmt: skip
-@pytest.mark.parametrize("c", [2, 8, 19])
+@pytest.mark.parametrize("c", [2, 8, 19, 48])  # 48: 3x3 in blocks of 16 channels (dw9_rows)
 @pytest.mark.parametrize("frac", [0.1, 1.0])
 def test_depthwise_rows_matches_reference(k, s, pad, d, c, frac):
     g = torch.Generator().manual_seed(hash((k, s, pad, d, c, frac)) % 2**31)
@@ -246,7 +246,7 @@ def _spec_rows(kind, x, geom, w, rows):
 @pytest.mark.parametrize("kind", ["linear", "conv", "depthwise", "max"])
 @pytest.mark.parametrize("mode,gate", [(0, 0), (2, 0), (1, 1), (3, 1), (2, 2), (3, 2)])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("c_in,c_out", [(3, 5), (40, 70)])
+@pytest.mark.parametrize("c_in,c_out", [(3, 5), (40, 70), (32, 48)])  # 32: dw9_rows
 @pytest.mark.parametrize("b", [3, 40])  # 40: many blocks of rows, over both threads
 def test_fused_commit_matches_compute_then_quant_commit(kind, mode, gate, sparse, c_in, c_out, b):
     key = repr((kind, mode, gate, sparse, c_in, c_out, b)).encode()

@@ -162,6 +162,17 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   return changed;
 }
 
+// The threshold table of a thr_mode (see quant_commit) for C channels.
+static void ds_check_thr(const torch::Tensor& thr, int64_t thr_mode, int64_t C, int64_t hw) {
+  TORCH_CHECK(thr_mode >= 0 && thr_mode <= 3, "thr_mode 0..3");
+  TORCH_CHECK(thr_mode == 0 || (thr.dtype() == torch::kFloat32 && thr.is_contiguous()),
+              "thr float32 contiguous");
+  TORCH_CHECK(thr_mode != 1 || thr.numel() >= 1, "thr_mode 1: one threshold");
+  TORCH_CHECK(thr_mode != 2 || thr.numel() == C, "thr_mode 2: C_out thresholds");
+  TORCH_CHECK(thr_mode != 3 || (hw > 0 && thr.numel() == hw * C),
+              "thr_mode 3: hw * C_out thresholds");
+}
+
 // The input gate fused with storing the frame: frame (B, C, S) float32 (NCHW, S = H*W);
 // every pixel's channels are written to its row of in_buf (P + 1, C) (the input's state, as
 // a copy would) and run through the epilogue of quant_commit into buf (P + 1, C), in one
@@ -192,6 +203,54 @@ static void frame_all(const float* fp, float* ip, float* bp, const float* tp, bo
   });
 }
 
+// frame_all for RGB frames and the pixel gate (GATE 2), in blocks of pixels of one image:
+// first every pixel's decision from the planar channels (a vectorised pass: contiguous
+// loads of the frame, stride-3 loads of the state), then the sent pixels' writes. The same
+// comparisons and stores as commit_row<MODE, false, CMP, 2>. MODE 3 needs hw == S.
+template <int MODE>
+static void frame3_pixel(const float* fp, float* ip, float* bp, const float* tp, bool* cp,
+                         int64_t B, int64_t S, float lo, float hi) {
+  constexpr int64_t NB = 256;
+  const int64_t per = (S + NB - 1) / NB;  // blocks per image
+  at::parallel_for(0, B * per, 16, [&](int64_t begin, int64_t end) {
+    int32_t send[NB];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / per, s0 = (task % per) * NB, n = std::min(NB, S - s0);
+      const float* __restrict f0 = fp + b * 3 * S + s0;
+      const float* __restrict f1 = f0 + S;
+      const float* __restrict f2 = f0 + 2 * S;
+      float* __restrict q = bp + (b * S + s0) * 3;
+      const float* t = MODE == 3 ? tp + s0 * 3 : tp;
+      for (int64_t i = 0; i < n; ++i) {
+        float v0 = f0[i], v1 = f1[i], v2 = f2[i];
+        v0 = v0 < lo ? lo : v0; v0 = v0 > hi ? hi : v0;
+        v1 = v1 < lo ? lo : v1; v1 = v1 > hi ? hi : v1;
+        v2 = v2 < lo ? lo : v2; v2 = v2 > hi ? hi : v2;
+        const float* ti = MODE == 3 ? t + 3 * i : t;
+        const float t0 = ti[0], t1 = MODE == 1 ? ti[0] : ti[1], t2 = MODE == 1 ? ti[0] : ti[2];
+        send[i] = (std::fabs(v0 - q[3 * i]) > t0) | (std::fabs(v1 - q[3 * i + 1]) > t1) |
+                  (std::fabs(v2 - q[3 * i + 2]) > t2);
+      }
+      bool* c = cp + b * S + s0;
+      for (int64_t i = 0; i < n; ++i) {
+        c[i] = send[i] != 0;
+        if (!send[i]) continue;
+        float v0 = f0[i], v1 = f1[i], v2 = f2[i];
+        v0 = v0 < lo ? lo : v0; v0 = v0 > hi ? hi : v0;
+        v1 = v1 < lo ? lo : v1; v1 = v1 > hi ? hi : v1;
+        v2 = v2 < lo ? lo : v2; v2 = v2 > hi ? hi : v2;
+        q[3 * i] = v0; q[3 * i + 1] = v1; q[3 * i + 2] = v2;
+      }
+      if (ip) {
+        float* __restrict z = ip + (b * S + s0) * 3;
+        for (int64_t i = 0; i < n; ++i) {
+          z[3 * i] = f0[i]; z[3 * i + 1] = f1[i]; z[3 * i + 2] = f2[i];
+        }
+      }
+    }
+  });
+}
+
 torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tensor buf,
                          double lo, double hi, torch::Tensor thr, int64_t thr_mode, int64_t hw,
                          bool compare, int64_t gate) {
@@ -203,7 +262,8 @@ torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tenso
   TORCH_CHECK(in_buf.dim() == 2 && in_buf.size(0) == B * S + 1 && in_buf.size(1) == C &&
               buf.sizes() == in_buf.sizes(), "in_buf, buf (B*H*W + 1, C)");
   TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
-  TORCH_CHECK(thr_mode == 0 || thr.dtype() == torch::kFloat32, "thr float32");
+  ds_check_thr(thr, thr_mode, C, hw);
+  TORCH_CHECK(thr_mode != 3 || S % hw == 0, "thr_mode 3: H*W a multiple of hw");
   auto changed = torch::zeros({B * S}, frame.options().dtype(torch::kBool));
   const float* fp = frame.data_ptr<float>();
   float* ip = in_buf.data_ptr<float>();
@@ -211,6 +271,12 @@ torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tenso
   const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
   bool* cp = changed.data_ptr<bool>();
   const float flo = (float)lo, fhi = (float)hi;
+  if (C == 3 && gate == 2 && (thr_mode == 1 || thr_mode == 2 || (thr_mode == 3 && hw == S))) {
+    if (thr_mode == 1) frame3_pixel<1>(fp, ip, bp, tp, cp, B, S, flo, fhi);
+    else if (thr_mode == 2) frame3_pixel<2>(fp, ip, bp, tp, cp, B, S, flo, fhi);
+    else frame3_pixel<3>(fp, ip, bp, tp, cp, B, S, flo, fhi);
+    return changed;
+  }
 #define DS_FCASE(M, G)                                                                     \
   if (thr_mode == M && gate == G) {                                                        \
     if (compare) frame_all<M, true, G>(fp, ip, bp, tp, cp, B, C, S, hw, flo, fhi);         \
@@ -269,12 +335,42 @@ static inline void window_row(const float* xp, const int64_t* ti, const float* w
   if (c0 < C) window_block<MODE, 0>(xp, ti, wp, yi, C, c0, C - c0, k2, pad);
 }
 
+// Depthwise 3x3 rows with the weights of a block of 16 channels held in registers across
+// the rows (the loops of window_block interchanged: the same multiply-adds in the same
+// order, so the same floats; the weights are loaded once per block of rows, not per row).
+static inline void dw9_rows(const float* __restrict xp, const int64_t* __restrict tp,
+                            const int64_t* __restrict rp, const float* __restrict wp,
+                            float* __restrict y, int64_t i0, int64_t m, int64_t C) {
+  constexpr int CB = 16, K2 = 9;
+  for (int64_t c0 = 0; c0 < C; c0 += CB) {
+    float w[K2][CB];
+    for (int j = 0; j < K2; ++j)
+      for (int c = 0; c < CB; ++c) w[j][c] = wp[j * C + c0 + c];
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t* ti = tp + (rp ? rp[i0 + i] : i0 + i) * K2;
+      float acc[CB];
+      const float* x0 = xp + ti[0] * C + c0;
+      for (int c = 0; c < CB; ++c) acc[c] = x0[c] * w[0][c];
+      for (int j = 1; j < K2; ++j) {
+        const float* xj = xp + ti[j] * C + c0;
+        for (int c = 0; c < CB; ++c) acc[c] = std::fma(xj[c], w[j][c], acc[c]);
+      }
+      float* yi = y + i * C + c0;
+      for (int c = 0; c < CB; ++c) yi[c] = acc[c];
+    }
+  }
+}
+
 // Depthwise conv (mode 0) or max pooling (mode 1) rows: compute(i0, m, y) writes rows
 // i0..i0+m of the n listed rows (rp) or of all rows (rp null).
 struct DsWindow {
   const float* xp; const float* wp; const int64_t* tp; const int64_t* rp;
   int64_t C, k2, pad, mode;
   void operator()(int64_t i0, int64_t m, float* y) const {
+    if (mode == 0 && k2 == 9 && C % 16 == 0) {
+      dw9_rows(xp, tp, rp, wp, y, i0, m, C);
+      return;
+    }
     for (int64_t i = 0; i < m; ++i) {
       const int64_t* ti = tp + (rp ? rp[i0 + i] : i0 + i) * k2;
       if (mode == 0) window_row<0>(xp, ti, wp, y + i * C, C, k2, pad);
@@ -351,11 +447,8 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
   TORCH_CHECK(buf.dtype() == torch::kFloat32 && buf.is_contiguous() && buf.dim() == 2 &&
               buf.size(1) == C, "buf (P + 1, C_out) float32 contiguous");
   TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
-  TORCH_CHECK(thr_mode == 0 || thr.dtype() == torch::kFloat32, "thr float32");
-  TORCH_CHECK(thr_mode != 1 || thr.numel() >= 1, "thr_mode 1: one threshold");
-  TORCH_CHECK(thr_mode != 2 || thr.numel() == C, "thr_mode 2: C_out thresholds");
-  TORCH_CHECK(thr_mode != 3 || (hw > 0 && thr.numel() == hw * C && (buf.size(0) - 1) % hw == 0),
-              "thr_mode 3: hw * C_out thresholds");
+  ds_check_thr(thr, thr_mode, C, hw);
+  TORCH_CHECK(thr_mode != 3 || (buf.size(0) - 1) % hw == 0, "thr_mode 3: rows a multiple of hw");
   TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == C),
               "bias (C_out,) float32");
   const int64_t p_out = buf.size(0) - 1;
@@ -952,7 +1045,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 15
+_VERSION = 16
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
