@@ -74,8 +74,11 @@ def demo() -> str:
         lines.append("Checks of the run: " + "; ".join(
             f"{k} **{'yes' if v else 'no'}**" for k, v in checks.items()) + ".")
     s = d.get("settings", {})
+    alloc = (d["runs"].get("delta", {}).get("engine") or {}).get("allocator") or {}
+    tuned = (f", dense and delta timed with {alloc['allocator']}'s mmap/trim thresholds raised"
+             if alloc.get("allocator") else "")
     lines.append(f"{_source(d, name)} {d['elapsed_s'] / 60:.1f} minutes in all; engine stage "
-                 f"with {s.get('streams')} videos per batch at {s.get('threads')} threads.")
+                 f"with {s.get('streams')} videos per batch at {s.get('threads')} threads{tuned}.")
     return "\n".join(lines)
 
 

@@ -306,7 +306,8 @@ def _run_token_demo(out: Path, s: dict, quick: bool, seed: int, device: str, con
 
 _ENGINE_KEYS = ("executed_density", "executed_density_with_first", "predicted_density",
                 "prediction_error", "dense_ms_per_frame", "delta_ms_per_frame", "speedup",
-                "dense_baseline", "accuracy", "agreement", "streams", "threads", "backend")
+                "dense_baseline", "accuracy", "agreement", "streams", "threads", "backend",
+                "allocator")
 
 
 def _engine_summary(r: dict) -> dict:

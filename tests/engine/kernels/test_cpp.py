@@ -324,16 +324,19 @@ def test_fused_commit_refuses_bad_shapes():
 
 
 @needs_cpp
-@pytest.mark.parametrize("k,s,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0)])
-def test_reachable_cpp_equals_torch(k, s, pad, monkeypatch):
+@pytest.mark.parametrize("k,s,pad,d", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 2, 0, 1), (1, 1, 0, 1),
+                                        (3, 3, 2, 1), (3, 1, 2, 2), (5, 2, 2, 1)])  # fmt: skip
+@pytest.mark.parametrize("ceil", [False, True])
+def test_reachable_cpp_equals_torch(k, s, pad, d, ceil, monkeypatch):
+    """The C++ op (from the window's arithmetic) == the table path == the definition."""
     from deltasparse.engine.kernels import geometry
 
-    g = torch.Generator().manual_seed(k * 10 + s)
-    geom = WindowGeom(2, (9, 7), (out_size(9, k, s, pad, 1), out_size(7, k, s, pad, 1)), (k, k),
-                      (s, s), (pad, pad), (1, 1))  # fmt: skip
-    for n in (0, 1, 5, geom.p_in):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((k, s, pad, d, ceil)).encode()))
+    out = (out_size(9, k, s, pad, d, ceil), out_size(7, k, s, pad, d, ceil))
+    geom = WindowGeom(2, (9, 7), out, (k, k), (s, s), (pad, pad), (d, d))
+    for n in (0, 1, 5, geom.p_in // 3, geom.p_in):
         active = torch.randperm(geom.p_in, generator=g)[:n].sort().values
-        fast = torch.ops.deltasparse.reachable(geom.inverse, active, geom.p_out)
+        fast = geom.reachable(active)
         monkeypatch.setattr(geometry, "_cpp_loaded", lambda: False)
         want = geom.reachable(active)
         monkeypatch.undo()
@@ -342,7 +345,8 @@ def test_reachable_cpp_equals_torch(k, s, pad, monkeypatch):
         hit = torch.isin(geom.taps, active).any(1).nonzero().squeeze(1)
         assert torch.equal(fast, hit)
     with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.deltasparse.reachable(geom.inverse, torch.tensor([geom.p_in]), geom.p_out)
+        torch.ops.deltasparse.reachable(torch.tensor([geom.p_in]), 2, 9, 7, *out, k, k, s, s, pad,
+                                        pad, d, d)  # fmt: skip
 
 
 @needs_cpp
@@ -380,3 +384,20 @@ def test_engine_fused_and_unfused_paths_agree(monkeypatch):
         assert max(e[0] for e in errs) < 1e-5
         results.append(eng.step(frames[-1]).clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_stale_build_lock_of_a_killed_build_is_removed(tmp_path, caplog):
+    """torch's build lock is a plain file that a killed build leaves behind (every later
+    build then waits forever): under deltasparse's flock, which dies with its process, a
+    leftover lock file is stale, and it is removed with a warning instead of hanging."""
+    from deltasparse.engine.kernels import cpp
+
+    (tmp_path / "lock").touch()
+    with caplog.at_level(logging.WARNING, logger=cpp.__name__):
+        with cpp._build_lock(tmp_path):
+            assert not (tmp_path / "lock").exists()
+    assert "stale build lock" in caplog.text
+    caplog.clear()
+    with cpp._build_lock(tmp_path):  # nothing stale: nothing said
+        pass
+    assert caplog.text == ""

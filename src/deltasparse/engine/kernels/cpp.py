@@ -22,7 +22,8 @@ the output rows in blocks of up to 256 that stay in cache, each gathered, multip
 SGEMM on one thread per block, which torch's CPU library exports where it links MKL; without
 it the engine keeps the unfused oneDNN paths) and committed before the next, so the computed
 rows never go to memory and back. They return the changed rows as indices, and
-``reachable`` lists the outputs a set of changed inputs reaches in one pass over a byte mask.
+``reachable`` lists the outputs a set of changed inputs reaches, from the window's arithmetic,
+in one pass over a byte mask.
 
 Set ``DELTASPARSE_NO_CPP=1`` to never build it (the engine then uses the torch path), and
 ``DELTASPARSE_CACHE`` to move the cache (default ``$XDG_CACHE_HOME/deltasparse`` or
@@ -31,6 +32,7 @@ Set ``DELTASPARSE_NO_CPP=1`` to never build it (the engine then uses the torch p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -575,22 +577,44 @@ torch::Tensor window_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor w
                            gate);
 }
 
-// The sorted output rows whose window holds one of the `active` input rows: inverse
-// (P_in, k2) int64 lists the output each input reaches through each tap (p_out: none).
-torch::Tensor reachable(torch::Tensor inverse, torch::Tensor active, int64_t p_out) {
-  TORCH_CHECK(inverse.dtype() == torch::kInt64 && inverse.dim() == 2 && inverse.is_contiguous(),
-              "inverse (P_in, k2) int64");
+// The outputs along one axis whose window (kernel k, stride s, padding p, dilation d, n_out
+// outputs) holds input coordinate y; returns how many (at most k) written to o.
+static inline int ds_axis_outputs(int64_t y, int64_t k, int64_t s, int64_t p, int64_t d,
+                                  int64_t n_out, int64_t* o) {
+  int cnt = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t t = y + p - i * d;  // the window start that puts tap i on y
+    if (t < 0) break;  // t falls with i
+    const int64_t q = s == 1 ? t : s == 2 ? (t >> 1) : t / s;
+    if (q * s != t || q >= n_out) continue;
+    o[cnt++] = q;
+  }
+  return cnt;
+}
+
+// The sorted output rows whose window holds one of the `active` input rows (sorted or not),
+// computed from the window's arithmetic (no table: the inverse table of a 64-stream 64x64
+// input is 19 MB, read at random) into a byte mask over the outputs.
+torch::Tensor reachable(torch::Tensor active, int64_t B, int64_t H, int64_t W, int64_t Ho,
+                        int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                        int64_t pw, int64_t dh, int64_t dw) {
   TORCH_CHECK(active.dtype() == torch::kInt64 && active.dim() == 1 && active.is_contiguous(),
               "active (n,) int64");
-  const int64_t n = active.size(0), k2 = inverse.size(1), p_in = inverse.size(0);
-  const int64_t* ip = inverse.data_ptr<int64_t>();
+  TORCH_CHECK(B > 0 && H > 0 && W > 0 && Ho > 0 && Wo > 0 && kh > 0 && kw > 0 && sh > 0 &&
+              sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0, "bad window geometry");
+  const int64_t n = active.size(0), S = H * W, p_in = B * S, So = Ho * Wo, p_out = B * So;
   const int64_t* ap = active.data_ptr<int64_t>();
-  std::vector<uint8_t> mask(p_out + 1, 0);
+  std::vector<uint8_t> mask(p_out, 0);
+  std::vector<int64_t> oy(kh), ox(kw);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t a = ap[i];
     TORCH_CHECK(a >= 0 && a < p_in, "reachable: active row ", a, " outside [0, ", p_in, ")");
-    const int64_t* t = ip + a * k2;
-    for (int64_t j = 0; j < k2; ++j) mask[t[j]] = 1;  // p_out: the dump slot
+    const int64_t b = a / S, r = a - b * S, y = r / W, x = r - y * W;
+    const int ny = ds_axis_outputs(y, kh, sh, ph, dh, Ho, oy.data());
+    const int nx = ds_axis_outputs(x, kw, sw, pw, dw, Wo, ox.data());
+    uint8_t* mb = mask.data() + b * So;
+    for (int u = 0; u < ny; ++u)
+      for (int v = 0; v < nx; ++v) mb[oy[u] * Wo + ox[v]] = 1;
   }
   int64_t cnt = 0;
   for (int64_t r = 0; r < p_out; ++r) cnt += mask[r];
@@ -1026,7 +1050,8 @@ TORCH_LIBRARY(deltasparse, m) {
         "bool compare, int gate) -> Tensor");
   m.def("gemm_rows(Tensor x, Tensor taps, Tensor rows, bool all, Tensor w, int p_out) -> Tensor");
   m.def("has_sgemm() -> bool", &ds_has_sgemm);
-  m.def("reachable(Tensor inverse, Tensor active, int p_out) -> Tensor");
+  m.def("reachable(Tensor active, int B, int H, int W, int Ho, int Wo, int kh, int kw, int sh, "
+        "int sw, int ph, int pw, int dh, int dw) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("quant_commit", &quant_commit);
@@ -1096,6 +1121,30 @@ def build_error() -> str | None:
     return _state.get("error")
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Hold an ``flock`` on ``folder/.deltasparse.lock`` while torch builds or loads the op.
+
+    torch's own build lock is a plain file (``folder/lock``) that a killed build leaves behind,
+    and every later build then waits for it forever. The ``flock`` dies with its process:
+    whoever holds it is the only live builder, so a ``lock`` file found then is stale and is
+    removed (with a warning) instead of hanging.
+    """
+    import fcntl
+
+    with open(folder / ".deltasparse.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # waits only for a live build
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.warning("deltasparse: removing a stale build lock %s (a build was killed "
+                            "before it finished); building again", stale)  # fmt: skip
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load(build: bool = True):
     """The compiled op (``torch.ops.deltasparse.quant_commit``), or None if unavailable."""
     if "op" in _state:
@@ -1114,15 +1163,16 @@ def load(build: bool = True):
                 log.warning("deltasparse: building the C++ engine op (once per torch install, "
                             "~30 s) in %s", folder)  # fmt: skip
             try:
-                load_inline(
-                    name=name,
-                    cpp_sources=[_SOURCE],
-                    extra_cflags=_CFLAGS + (_OPENMP if openmp else []),
-                    extra_ldflags=list(_OPENMP if openmp else []),
-                    build_directory=str(folder),
-                    is_python_module=False,
-                    verbose=False,
-                )
+                with _build_lock(folder):
+                    load_inline(
+                        name=name,
+                        cpp_sources=[_SOURCE],
+                        extra_cflags=_CFLAGS + (_OPENMP if openmp else []),
+                        extra_ldflags=list(_OPENMP if openmp else []),
+                        build_directory=str(folder),
+                        is_python_module=False,
+                        verbose=False,
+                    )
                 break
             except Exception as exc:
                 if not openmp:

@@ -11,8 +11,9 @@ dilation) between an input grid and an output grid and builds, once, two integer
 * ``inverse`` ``(P_in, kh*kw)``: the output that each input pixel reaches through each tap
   (``P_out`` = "none", a dump slot).
 
-``reachable(active_inputs)`` uses ``inverse`` to list the output rows whose window contains
-at least one changed input: exactly the outputs that must be recomputed.
+``reachable(active_inputs)`` lists the output rows whose window contains at least one changed
+input: exactly the outputs that must be recomputed (from ``inverse``, or on the CPU with the C++
+ops loaded from the window's arithmetic, without reading a table).
 """
 
 from __future__ import annotations
@@ -129,8 +130,10 @@ class WindowGeom:
             return active
         if active.numel() == 0:
             return active
-        if active.device.type == "cpu" and _cpp_loaded():
-            return torch.ops.deltasparse.reachable(self.inverse, active, self.p_out)
+        if active.device.type == "cpu" and _cpp_loaded():  # from the arithmetic: no table
+            return torch.ops.deltasparse.reachable(active, self.batch, *self.in_hw, *self.out_hw,
+                                                   *self.kernel, *self.stride, *self.padding,
+                                                   *self.dilation)  # fmt: skip
         cand = self.inverse.index_select(0, active).reshape(-1)
         if cand.numel() * 16 < self.p_out:  # few candidates: sort them, skip the O(P) mask
             r = torch.unique(cand)
