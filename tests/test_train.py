@@ -440,7 +440,7 @@ def test_distillation_trains_from_the_init_from_model(recipe, tmp_path):
     init = root / "l1" / "model.pt"
     cfg = _cfg(tmp_path, "delta", init_from=str(init), epochs=1, clip_len=2, eval_clip_len=4,
                sparsity_weight=1e-2, distill=0.5, distill_temperature=3.0)
-    teacher = build_teacher(cfg, 4, torch.device("cpu"))
+    teacher = build_teacher(cfg, load_model(init)[2]["class_names"], torch.device("cpu"))
     l1, _, _ = load_model(init)
     x = torch.randn(2, 3, 3, 32, 32)
     with torch.no_grad():

@@ -563,34 +563,28 @@ def _init_from(model: VideoModel, path: str, class_names: list[str], data: str) 
         )
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> VideoModel:
+def build_teacher(cfg: TrainConfig, class_names: list[str], device: torch.device) -> VideoModel:
     """The ``--init-from`` model, frozen in eval mode: the soft targets of ``--distill``.
 
     It is rebuilt from its own run's configuration (its phase's layers included) and loaded
-    strictly, so that the teacher is exactly the model the phase started from.
+    strictly (:func:`load_model`), so that the teacher is exactly the model the phase started
+    from (also on ``--resume``, where the student's weights come from the checkpoint).
     """
-    ckpt = load_checkpoint(cfg.init_from)
-    saved = ckpt.get("config")
-    if saved is None:
-        raise ValueError(f"--init-from {cfg.init_from} holds no run configuration, so it cannot "
-                         "be rebuilt as the --distill teacher; use a model.pt written by "
-                         "`deltasparse train`, or pass --distill 0")
-    tcfg = TrainConfig.from_dict({**saved, "out": cfg.out, "init_from": None, "distill": 0.0})
-    teacher = build_model(tcfg, num_classes)
-    sample = torch.zeros(1, 2, 3, tcfg.resolution, tcfg.resolution)
-    _materialise(teacher, sample, tcfg)
-    teacher.load_state_dict(ckpt["model"])
+    teacher, _, ckpt = load_model(cfg.init_from)
+    check_classes(ckpt, class_names, what=f"--init-from {cfg.init_from} (the --distill teacher)",
+                  data=_data_name(cfg))
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor,
                  weight: float, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s blend: ``(1 - w)·CE(y) + w·T²·KL(teacher_T ‖ student_T)``."""
+    """Hinton et al.'s blend: ``(1 - w)·CE(y) + w·T²·KL(teacher_T ‖ student_T)`` (the
+    cross-entropy alone without a teacher or at ``w = 0``)."""
     task = F.cross_entropy(logits, y)
-    if weight == 0:
+    if teacher_logits is None or weight == 0:
         return task
     t = temperature
     soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
@@ -754,7 +748,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     model.to(device)
     sample = train_set[0][0].unsqueeze(0).to(device)
     _materialise(model, sample, cfg)
-    teacher = build_teacher(cfg, num_classes, device) if cfg.distill else None
+    teacher = build_teacher(cfg, class_names, device) if cfg.distill else None
     opt = _optimizer(cfg, model)
     steps_per_epoch = len(_loader(train_set, cfg, train=True))
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
@@ -805,13 +799,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(cfg, device):
                     logits = net(x)
-                    if teacher is None:
-                        task = F.cross_entropy(logits.float(), y)
-                    else:
-                        with torch.no_grad():
-                            t_logits = teacher(x).float()
-                        task = distill_loss(logits.float(), t_logits, y, cfg.distill,
-                                            cfg.distill_temperature)
+                    with torch.no_grad():
+                        t_logits = None if teacher is None else teacher(x).float()
+                    task = distill_loss(logits.float(), t_logits, y, cfg.distill,
+                                        cfg.distill_temperature)
                     sparse = sparsity_loss(model)
                     loss = task + sparse
                 opt.zero_grad(set_to_none=True)
