@@ -78,7 +78,10 @@ def main() -> None:
         "delta": ["--init-from", str(work / "l1" / "model.pt"), "--clip-len", str(d["clip_len"]),
                   "--gate", d["gate"], "--mode", d["mode"],
                   "--input-gate" if d["input_gate"] else "--no-input-gate",
-                  "--sparsity-weight", str(s["sparsity_weight"]["delta"])],
+                  "--sparsity-weight", str(s["sparsity_weight"]["delta"]),
+                  *(["--sparsity-schedule", d["sparsity_schedule"]]
+                    if "sparsity_schedule" in d else []),
+                  *(["--distill", str(d["distill"])] if d.get("distill") else [])],
     }  # fmt: skip
     commands, phase_rows, seconds = [], {}, {}
     for phase, extra in phases.items():
