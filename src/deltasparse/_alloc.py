@@ -18,20 +18,31 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "applied", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
 MMAP_THRESHOLD = 256 << 20
+MMAP_THRESHOLD_FALLBACK = 32 << 20  # glibc <= 2.34 caps it at HEAP_MAX_SIZE / 2 (64-bit)
 TRIM_THRESHOLD = 512 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
 _applied: dict | None = None
 
 
+def applied() -> dict | None:
+    """What :func:`tune_malloc` did in this process (None: not called yet). Once raised, the
+    thresholds stay raised: a later timing without tuning still runs in that state."""
+    return None if _applied is None else dict(_applied)
+
+
 def tune_malloc() -> dict:
     """Raise glibc's mmap and trim thresholds once per process; returns what was done,
     ``{"allocator": "glibc 2.xx", "mmap_threshold": ..., "trim_threshold": ...}``, or
-    ``{"allocator": None, "reason": ...}`` where the C library is not glibc."""
+    ``{"allocator": None, "reason": ...}`` where the C library is not glibc or refuses.
+
+    The mmap threshold is tried at 256 MB, then at 32 MB (the cap of glibc up to 2.34, still
+    above the demo model's 12 MB temporaries); the trim threshold is raised only once the mmap
+    threshold took, so that what is reported is what the process runs with."""
     global _applied
     if _applied is not None:
         return dict(_applied)
@@ -44,15 +55,19 @@ def tune_malloc() -> dict:
         return dict(_applied)
     version.restype = ctypes.c_char_p
     name = f"glibc {version().decode()}"
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
-    if not ok:
-        _applied = {"allocator": None, "reason": f"{name}: mallopt refused the thresholds"}
+    mmap = next((v for v in (MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK)
+                 if libc.mallopt(_M_MMAP_THRESHOLD, v) == 1), None)  # fmt: skip
+    if mmap is None:
+        _applied = {"allocator": None, "reason": f"{name}: mallopt refused the mmap threshold"}
+    elif libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        _applied = {"allocator": name, "mmap_threshold": mmap, "trim_threshold": None,
+                    "reason": "mallopt refused the trim threshold"}  # fmt: skip
+    else:
+        _applied = {"allocator": name, "mmap_threshold": mmap, "trim_threshold": TRIM_THRESHOLD}
+    if _applied.get("reason"):
         log.warning("tune_malloc: %s; dense timings may vary with the allocator's state",
                     _applied["reason"])
-        return dict(_applied)
-    _applied = {"allocator": name, "mmap_threshold": MMAP_THRESHOLD,
-                "trim_threshold": TRIM_THRESHOLD}  # fmt: skip
-    log.info("tune_malloc: %s mmap threshold %d MB, trim threshold %d MB", name,
-             MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20)
+    else:
+        log.info("tune_malloc: %s mmap threshold %d MB, trim threshold %d MB", name, mmap >> 20,
+                 TRIM_THRESHOLD >> 20)
     return dict(_applied)

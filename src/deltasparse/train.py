@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -579,17 +580,21 @@ def build_teacher(cfg: TrainConfig, class_names: list[str], device: torch.device
     return teacher
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor,
-                 weight: float, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s blend: ``(1 - w)·CE(y) + w·T²·KL(teacher_T ‖ student_T)`` (the
-    cross-entropy alone without a teacher or at ``w = 0``)."""
-    task = F.cross_entropy(logits, y)
-    if teacher_logits is None or weight == 0:
-        return task
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """The soft-target term of Hinton et al., ``T²·KL(teacher_T ‖ student_T)``; training
+    blends it with the cross-entropy as ``(1 - w)·CE + w·distill_loss`` (``w``: ``--distill``)."""
     t = temperature
-    soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+    return F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                     reduction="batchmean", log_target=True) * (t * t)
-    return (1 - weight) * task + weight * soft
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _materialise(model: VideoModel, sample: torch.Tensor, cfg: TrainConfig) -> None:
@@ -749,6 +754,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     sample = train_set[0][0].unsqueeze(0).to(device)
     _materialise(model, sample, cfg)
     teacher = build_teacher(cfg, class_names, device) if cfg.distill else None
+    teacher_sha = _file_digest(cfg.init_from) if teacher is not None else None
+    if resumed is not None and teacher_sha is not None and \
+            resumed.get("teacher_sha256") != teacher_sha:
+        raise ValueError(f"--init-from {cfg.init_from} is not the file this run started to "
+                         f"distil from (it changed since: another teacher); pass --force to "
+                         f"start {out} again with it")
     opt = _optimizer(cfg, model)
     steps_per_epoch = len(_loader(train_set, cfg, train=True))
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
@@ -788,8 +799,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
             train_set.set_epoch(epoch)
         loader = _loader(train_set, cfg, train=True, epoch=epoch)
         model.train()
-        sums = {"loss": 0.0, "task": 0.0, "sparse": 0.0, "correct": 0, "n": 0, "num": 0.0,
-                "den": 0.0}  # fmt: skip
+        sums = {"loss": 0.0, "task": 0.0, "distill": 0.0, "sparse": 0.0, "correct": 0, "n": 0,
+                "num": 0.0, "den": 0.0}  # fmt: skip
         t0 = time.perf_counter()
         with train_progress(cfg, epoch, len(loader), enabled=cfg.progress and _is_main()) as bar:
             for i, (x, y) in enumerate(loader):
@@ -799,10 +810,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(cfg, device):
                     logits = net(x)
-                    with torch.no_grad():
-                        t_logits = None if teacher is None else teacher(x).float()
-                    task = distill_loss(logits.float(), t_logits, y, cfg.distill,
-                                        cfg.distill_temperature)
+                    ce = F.cross_entropy(logits.float(), y)
+                    kd = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x).float()
+                        kd = distill_loss(logits.float(), t_logits, cfg.distill_temperature)
+                    task = ce if kd is None else (1 - cfg.distill) * ce + cfg.distill * kd
                     sparse = sparsity_loss(model)
                     loss = task + sparse
                 opt.zero_grad(set_to_none=True)
@@ -813,7 +827,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 sums["num"] += num
                 sums["den"] += den
                 sums["loss"] += float(loss.detach()) * len(y)
-                sums["task"] += float(task.detach()) * len(y)
+                sums["task"] += float(ce.detach()) * len(y)
+                if kd is not None:
+                    sums["distill"] += float(kd.detach()) * len(y)
                 sums["sparse"] += float(sparse.detach()) * len(y)
                 sums["correct"] += int((logits.argmax(-1) == y).sum())
                 sums["n"] += len(y)
@@ -825,7 +841,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         row = {
             "epoch": epoch,
             "train_loss": sums["loss"] / max(sums["n"], 1),
-            "train_task_loss": sums["task"] / max(sums["n"], 1),
+            "train_task_loss": sums["task"] / max(sums["n"], 1),  # the cross-entropy
+            "train_distill_loss": sums["distill"] / max(sums["n"], 1) if teacher else None,
             "train_sparsity_loss": sums["sparse"] / max(sums["n"], 1),
             "train_acc": sums["correct"] / max(sums["n"], 1),
             "train_op_fraction": sums["num"] / sums["den"] if sums["den"] else None,
@@ -853,6 +870,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 "config": cfg.to_dict(),
                 "num_classes": num_classes,
                 "class_names": class_names,
+                "teacher_sha256": teacher_sha,
             }
             save_atomic(state, ckpt_path)
             log.info("epoch %d: %s", epoch, json.dumps(row))

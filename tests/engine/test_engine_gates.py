@@ -125,6 +125,7 @@ def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c, b, h, w):
                      0.0, 0.9, thr, thr_mode, hw, False, gate)  # fmt: skip
     frame = frame0.clone()
     frame[:, :, :, : w // 2] += 0.5 * torch.randn(b, c, h, w // 2, generator=g)  # half moves
+    frame[0, 1, 0, w - 1] = float("nan")  # in a static pixel: |NaN - old| > thr is false
     rows = torch.zeros(p + 1, c)
     rows[:p] = frame.permute(0, 2, 3, 1).reshape(p, c)
     want_buf = buf.clone()
@@ -134,10 +135,13 @@ def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c, b, h, w):
     got_in[-1] = 0
     mask = torch.ops.deltasparse.frame_gate(frame, got_in, got_buf, 0.0, 0.9, thr, thr_mode, hw,
                                             True, gate)  # fmt: skip
-    assert torch.equal(got_in, rows)  # the input's state: the frame as rows, padding row zero
-    assert torch.equal(got_buf, want_buf)
+    same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, the NaN pixel included
+    torch.testing.assert_close(got_in, rows, **same)  # the frame as rows, padding row zero
+    torch.testing.assert_close(got_buf, want_buf, **same)
     assert torch.equal(mask, want)
     assert 0 < int(mask.sum()) < p  # some pixels sent, some kept
+    if gate == 2:
+        assert not mask[w - 1] and not got_buf[w - 1].isnan().any()  # the NaN was not sent
 
 
 def test_engine_fuses_the_input_gate_on_cpp():

@@ -324,29 +324,37 @@ def test_fused_commit_refuses_bad_shapes():
 
 
 @needs_cpp
-@pytest.mark.parametrize("k,s,pad,d", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 2, 0, 1), (1, 1, 0, 1),
-                                        (3, 3, 2, 1), (3, 1, 2, 2), (5, 2, 2, 1)])  # fmt: skip
+@pytest.mark.parametrize("k,s,pad,d", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)),
+    ((2, 2), (2, 2), (0, 0), (1, 1)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 3), (3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (2, 2), (2, 2)),
+    ((5, 5), (2, 2), (2, 2), (1, 1)), ((3, 3), (2, 2), (2, 2), (2, 2)),
+    ((3, 5), (2, 1), (1, 2), (2, 1)), ((1, 3), (1, 3), (0, 1), (1, 1)),
+])  # fmt: skip
 @pytest.mark.parametrize("ceil", [False, True])
 def test_reachable_cpp_equals_torch(k, s, pad, d, ceil, monkeypatch):
-    """The C++ op (from the window's arithmetic) == the table path == the definition."""
+    """The C++ op (from the window's arithmetic, rectangular windows included) == the table
+    path == the definition."""
     from deltasparse.engine.kernels import geometry
 
     g = torch.Generator().manual_seed(zlib.crc32(repr((k, s, pad, d, ceil)).encode()))
-    out = (out_size(9, k, s, pad, d, ceil), out_size(7, k, s, pad, d, ceil))
-    geom = WindowGeom(2, (9, 7), out, (k, k), (s, s), (pad, pad), (d, d))
+    out = (out_size(9, k[0], s[0], pad[0], d[0], ceil), out_size(7, k[1], s[1], pad[1], d[1], ceil))
+    geom = WindowGeom(2, (9, 7), out, k, s, pad, d)
+    monkeypatch.setattr(geometry, "_cpp_loaded", lambda: False)  # the table path
     for n in (0, 1, 5, geom.p_in // 3, geom.p_in):
         active = torch.randperm(geom.p_in, generator=g)[:n].sort().values
-        fast = geom.reachable(active)
-        monkeypatch.setattr(geometry, "_cpp_loaded", lambda: False)
-        want = geom.reachable(active)
-        monkeypatch.undo()
-        assert torch.equal(fast, want)
+        fast = torch.ops.deltasparse.reachable(active, 2, 9, 7, *out, *k, *s, *pad, *d)
+        assert torch.equal(fast, geom.reachable(active))  # the table path
         # the definition: outputs whose window holds an active input
         hit = torch.isin(geom.taps, active).any(1).nonzero().squeeze(1)
         assert torch.equal(fast, hit)
+    monkeypatch.undo()
+    active = torch.arange(0, geom.p_in, 3)
+    assert torch.equal(geom.reachable(active), torch.isin(geom.taps, active).any(1)
+                       .nonzero().squeeze(1))  # the engine's call: the C++ op  # fmt: skip
     with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.deltasparse.reachable(torch.tensor([geom.p_in]), 2, 9, 7, *out, k, k, s, s, pad,
-                                        pad, d, d)  # fmt: skip
+        torch.ops.deltasparse.reachable(torch.tensor([geom.p_in]), 2, 9, 7, *out, *k, *s, *pad,
+                                        *d)  # fmt: skip
 
 
 @needs_cpp
@@ -401,3 +409,22 @@ def test_stale_build_lock_of_a_killed_build_is_removed(tmp_path, caplog):
     with cpp._build_lock(tmp_path):  # nothing stale: nothing said
         pass
     assert caplog.text == ""
+
+
+def test_build_lock_without_flock_warns_and_goes_on(tmp_path, caplog, monkeypatch):
+    """A filesystem without flock (ENOLCK) must not turn the C++ engine off: warned, and the
+    build goes on under torch's own lock."""
+    import errno
+    import fcntl
+
+    from deltasparse.engine.kernels import cpp
+
+    def no_lock(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_lock)
+    ran = []
+    with caplog.at_level(logging.WARNING, logger=cpp.__name__):
+        with cpp._build_lock(tmp_path):
+            ran.append(True)
+    assert ran and "cannot lock" in caplog.text

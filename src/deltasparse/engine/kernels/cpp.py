@@ -1133,7 +1133,14 @@ def _build_lock(folder: Path):
     import fcntl
 
     with open(folder / ".deltasparse.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # waits only for a live build
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # waits only for a live build
+        except OSError as exc:  # e.g. ENOLCK on some network filesystems
+            log.warning("deltasparse: cannot lock %s (%s); building under torch's own lock "
+                        "only (a build killed mid-way then leaves %s/lock behind: remove it)",
+                        fh.name, exc, folder)  # fmt: skip
+            yield
+            return
         try:
             stale = folder / "lock"
             if stale.exists():
