@@ -55,6 +55,12 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
+// v clamped to [lo, hi]; a NaN stays NaN (as torch.clamp).
+static inline float ds_clamp(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
 // One row: bias -> clamp -> gate -> compare -> write. Specialised per mode so that the
 // inner loop has no branches and vectorises (no fast-math: same IEEE ops as the torch path).
 // GATE 0: grid quantiser round(v / t) * t; 1: scalar hysteresis (each scalar takes v where
@@ -69,8 +75,7 @@ static inline bool commit_row(const float* __restrict zi, float* __restrict bi,
     for (int64_t c = 0; c < C; ++c) {
       float v = zi[c];
       if (BIAS) v = v + bs[c];
-      v = v < lo ? lo : v;
-      v = v > hi ? hi : v;
+      v = ds_clamp(v, lo, hi);
       const float t = MODE == 1 ? ti[0] : ti[c];
       any |= (std::fabs(v - bi[c]) > t);
     }
@@ -78,8 +83,7 @@ static inline bool commit_row(const float* __restrict zi, float* __restrict bi,
     for (int64_t c = 0; c < C; ++c) {
       float v = zi[c];
       if (BIAS) v = v + bs[c];
-      v = v < lo ? lo : v;
-      v = v > hi ? hi : v;
+      v = ds_clamp(v, lo, hi);
       bi[c] = v;
     }
     return true;
@@ -87,8 +91,7 @@ static inline bool commit_row(const float* __restrict zi, float* __restrict bi,
   for (int64_t c = 0; c < C; ++c) {
     float v = zi[c];
     if (BIAS) v = v + bs[c];
-    v = v < lo ? lo : v;
-    v = v > hi ? hi : v;
+    v = ds_clamp(v, lo, hi);
     if (GATE == 1) {
       const float t = MODE == 1 ? ti[0] : ti[c];
       const float old = bi[c];
@@ -224,10 +227,8 @@ static void frame3_pixel(const float* fp, float* ip, float* bp, const float* tp,
       float* __restrict q = bp + (b * S + s0) * 3;
       const float* t = MODE == 3 ? tp + s0 * 3 : tp;
       for (int64_t i = 0; i < n; ++i) {
-        float v0 = f0[i], v1 = f1[i], v2 = f2[i];
-        v0 = v0 < lo ? lo : v0; v0 = v0 > hi ? hi : v0;
-        v1 = v1 < lo ? lo : v1; v1 = v1 > hi ? hi : v1;
-        v2 = v2 < lo ? lo : v2; v2 = v2 > hi ? hi : v2;
+        const float v0 = ds_clamp(f0[i], lo, hi), v1 = ds_clamp(f1[i], lo, hi),
+                    v2 = ds_clamp(f2[i], lo, hi);
         const float* ti = MODE == 3 ? t + 3 * i : t;
         const float t0 = ti[0], t1 = MODE == 1 ? ti[0] : ti[1], t2 = MODE == 1 ? ti[0] : ti[2];
         send[i] = (std::fabs(v0 - q[3 * i]) > t0) | (std::fabs(v1 - q[3 * i + 1]) > t1) |
@@ -237,11 +238,9 @@ static void frame3_pixel(const float* fp, float* ip, float* bp, const float* tp,
       for (int64_t i = 0; i < n; ++i) {
         c[i] = send[i] != 0;
         if (!send[i]) continue;
-        float v0 = f0[i], v1 = f1[i], v2 = f2[i];
-        v0 = v0 < lo ? lo : v0; v0 = v0 > hi ? hi : v0;
-        v1 = v1 < lo ? lo : v1; v1 = v1 > hi ? hi : v1;
-        v2 = v2 < lo ? lo : v2; v2 = v2 > hi ? hi : v2;
-        q[3 * i] = v0; q[3 * i + 1] = v1; q[3 * i + 2] = v2;
+        q[3 * i] = ds_clamp(f0[i], lo, hi);
+        q[3 * i + 1] = ds_clamp(f1[i], lo, hi);
+        q[3 * i + 2] = ds_clamp(f2[i], lo, hi);
       }
       if (ip) {
         float* __restrict z = ip + (b * S + s0) * 3;
@@ -440,6 +439,18 @@ static void ds_block_gemm(const float* a, int64_t m, int64_t K, const float* w, 
              torch::from_blob(const_cast<float*>(w), {K, N}, o));
 }
 
+// The indices of the flagged entries of mask (n bytes), as rp[i] (or i when rp is null).
+static torch::Tensor ds_flagged(const uint8_t* mask, int64_t n, const int64_t* rp,
+                                const torch::TensorOptions& opts) {
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < n; ++i) cnt += mask[i] != 0;
+  auto out = torch::empty({cnt}, opts.dtype(torch::kInt64));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; j < cnt; ++i)
+    if (mask[i]) op[j++] = rp ? rp[i] : i;
+  return out;
+}
+
 template <typename Compute>
 static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const int64_t* rp,
                                        Compute compute, torch::Tensor buf, torch::Tensor bias,
@@ -456,7 +467,7 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
   const int64_t p_out = buf.size(0) - 1;
   for (int64_t i = 0; rp && i < n; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < p_out, "row ", rp[i], " outside [0, ", p_out, ")");
-  std::vector<char> mask(compare ? n : 0);
+  std::vector<uint8_t> mask(compare ? n : 0);
   float* bp = buf.data_ptr<float>();
   const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
   const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
@@ -465,7 +476,7 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> z(R * C);
     std::vector<int64_t> ids(rp ? 0 : R);
-    std::vector<char> ch(compare ? 0 : R);  // the first frame's flags, not kept
+    std::vector<uint8_t> ch(compare ? 0 : R);  // the first frame's flags, not kept
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * R, m = std::min(R, n - i0);
       compute(i0, m, z.data());
@@ -475,13 +486,7 @@ static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const in
       commit_modes(thr_mode, gate, z.data(), bp, r, bs, tp, cp, m, C, hw, flo, fhi, compare);
     }
   });
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < (compare ? n : 0); ++i) cnt += mask[i] != 0;
-  auto out = torch::empty({cnt}, buf.options().dtype(torch::kInt64));
-  int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t i = 0, j = 0; j < cnt; ++i)
-    if (mask[i]) op[j++] = rp ? rp[i] : i;
-  return out;
+  return ds_flagged(mask.data(), compare ? n : 0, rp, buf.options());
 }
 
 // Rows of a block: enough to amortise a GEMM call, few enough that the gathered inputs and
@@ -616,13 +621,7 @@ torch::Tensor reachable(torch::Tensor active, int64_t B, int64_t H, int64_t W, i
     for (int u = 0; u < ny; ++u)
       for (int v = 0; v < nx; ++v) mb[oy[u] * Wo + ox[v]] = 1;
   }
-  int64_t cnt = 0;
-  for (int64_t r = 0; r < p_out; ++r) cnt += mask[r];
-  auto out = torch::empty({cnt}, active.options());
-  int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t r = 0, j = 0; j < cnt; ++r)
-    if (mask[r]) op[j++] = r;
-  return out;
+  return ds_flagged(mask.data(), p_out, nullptr, active.options());
 }
 
 // Training gate of DeltaActivation on a clip (B, T, C, ...) float32 (S: the positions), fused: activation ->
@@ -1070,7 +1069,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 16
+_VERSION = 17
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread

@@ -4,7 +4,8 @@ The engine stores every activation map ``(B, C, H, W)`` as a row buffer ``(B*H*W
 row ``b*H*W + y*W + x`` holds the channels of one pixel and the extra last row is all zeros,
 so a gather that falls into the zero padding of a convolution reads that row instead of
 branching. A :class:`WindowGeom` describes one sliding-window op (kernel, stride, padding,
-dilation) between an input grid and an output grid and builds, once, two integer tables:
+dilation) between an input grid and an output grid and builds, once and when first read, two
+integer tables:
 
 * ``taps``    ``(P_out, kh*kw)``: the input row of every tap of every output (``P_in`` = the
   zero row where the tap falls into padding);
@@ -98,12 +99,16 @@ class WindowGeom:
         taps = (sp[None] + base).reshape(self.p_out, kh * kw)
         valid = valid[None].expand(self.batch, -1, -1).reshape(self.p_out, kh * kw)
         taps = torch.where(valid, taps, torch.full_like(taps, self.p_in))
-        inv = torch.full((self.p_in + 1, kh * kw), self.p_out, dtype=torch.long, device=dev)
-        out_idx = torch.arange(self.p_out, device=dev)[:, None].expand(-1, kh * kw)
-        tap_idx = torch.arange(kh * kw, device=dev)[None, :].expand(self.p_out, -1)
-        inv[taps, tap_idx] = out_idx  # one tap maps distinct outputs to distinct inputs
         self._taps = taps.contiguous()
         self._valid = valid.contiguous()
+
+    def _build_inverse(self) -> None:
+        # only where it is read: the C++ ops find reachable outputs without it
+        k2, dev = self.k2, self.device
+        inv = torch.full((self.p_in + 1, k2), self.p_out, dtype=torch.long, device=dev)
+        out_idx = torch.arange(self.p_out, device=dev)[:, None].expand(-1, k2)
+        tap_idx = torch.arange(k2, device=dev)[None, :].expand(self.p_out, -1)
+        inv[self.taps, tap_idx] = out_idx  # one tap maps distinct outputs to distinct inputs
         self._inverse = inv[: self.p_in].contiguous()
 
     @property
@@ -121,7 +126,7 @@ class WindowGeom:
     @property
     def inverse(self) -> torch.Tensor:
         if self._inverse is None:
-            self._build()
+            self._build_inverse()
         return self._inverse
 
     def reachable(self, active: torch.Tensor) -> torch.Tensor:
