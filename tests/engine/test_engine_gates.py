@@ -133,15 +133,24 @@ def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c, b, h, w):
                             thr_mode, hw, True, gate)  # fmt: skip
     got_in, got_buf = torch.full((p + 1, c), 7.0), buf.clone()
     got_in[-1] = 0
-    mask = torch.ops.deltasparse.frame_gate(frame, got_in, got_buf, 0.0, 0.9, thr, thr_mode, hw,
-                                            True, gate)  # fmt: skip
+    changed = torch.ops.deltasparse.frame_gate(frame, got_in, got_buf, 0.0, 0.9, thr, thr_mode,
+                                               hw, True, gate)  # fmt: skip
     same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, the NaN pixel included
     torch.testing.assert_close(got_in, rows, **same)  # the frame as rows, padding row zero
     torch.testing.assert_close(got_buf, want_buf, **same)
-    assert torch.equal(mask, want)
-    assert 0 < int(mask.sum()) < p  # some pixels sent, some kept
+    assert torch.equal(changed, want.nonzero().squeeze(1))  # the changed pixels, sorted
+    assert 0 < changed.numel() < p  # some pixels sent, some kept
     if gate == 2:
-        assert not mask[w - 1] and not got_buf[w - 1].isnan().any()  # the NaN was not sent
+        assert w - 1 not in changed.tolist() and not got_buf[w - 1].isnan().any()  # NaN kept
+    # without storing the rows (the engine's fused input gate): the same gate
+    alone = buf.clone()
+    again = torch.ops.deltasparse.frame_gate(frame, e, alone, 0.0, 0.9, thr, thr_mode, hw, True,
+                                             gate)  # fmt: skip
+    torch.testing.assert_close(alone, want_buf, **same)
+    assert torch.equal(again, changed)
+    first = torch.ops.deltasparse.frame_gate(frame, e, buf.clone(), 0.0, 0.9, thr, thr_mode, hw,
+                                             False, gate)  # fmt: skip
+    assert first.numel() == 0  # no comparison on a first frame: nothing listed
 
 
 def test_engine_fuses_the_input_gate_on_cpp():

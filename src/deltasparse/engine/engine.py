@@ -289,8 +289,10 @@ class DeltaEngine:
         rt = self._runtime
         if rt is None:
             return {}
+        src = rt.input_op
         return {
-            node.name: v.as_tensor()
+            # a fused input gate reads the frame itself: the input's rows are never stored
+            node.name: src.frame.clone() if src.deferred and v is src.out else v.as_tensor()
             for node, v in rt.values.items()
             if names is None or node.name in names
         }

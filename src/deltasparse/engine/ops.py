@@ -360,8 +360,8 @@ class InputOp(RuntimeOp):
     # False when every consumer of the frame is a gate that examines all pixels anyway (an
     # input gate): finding the changed pixels first would only cost a pass.
     detect: bool = True
-    # True when the one reader is an InputGateOp, which stores the frame's rows itself (in
-    # the same pass as its gate): this op only hands the frame on.
+    # True when the one reader is an InputGateOp, which reads the NCHW frame itself (in the
+    # same pass as its gate): this op only hands the frame on, its rows are never stored.
     deferred: bool = False
     frame: torch.Tensor | None = None
 
@@ -415,10 +415,11 @@ class PointwiseOp(RuntimeOp):
 
 
 class InputGateOp(PointwiseOp):
-    """A gate right on the input pixels, the input op's only reader, fused with storing the
-    frame (the C++ backend's ``frame_gate``: one pass over the NCHW frame instead of a
-    transposing copy and a pass over all rows). Every pixel is examined each frame, as
-    :class:`PointwiseOp` does when the input op does not detect changes."""
+    """A gate right on the input pixels, the input op's only reader, reading the NCHW frame
+    itself (the C++ backend's ``frame_gate``: one pass over the frame instead of a
+    transposing copy and a pass over all rows; the input's rows are not stored, nothing else
+    reads them). Every pixel is examined each frame, as :class:`PointwiseOp` does when the
+    input op does not detect changes."""
 
     def __init__(self, *a, source: InputOp, **kw) -> None:
         super().__init__(*a, **kw)
@@ -520,6 +521,11 @@ class SampleOp(RuntimeOp):
         if self.mode == "mean":
             return m.mean(1)
         return m.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(m.shape[0], c * h * w)
+
+    def compute_commit(self, rows, first):
+        if self.mode != "mean":
+            return NotImplemented
+        return self.backend.gpool_commit(self.inputs[0], rows, self.out, self.chain, first)
 
 
 class AddOp(RuntimeOp):

@@ -306,6 +306,50 @@ def test_fused_commit_matches_compute_then_quant_commit(kind, mode, gate, sparse
 
 
 @needs_cpp
+@pytest.mark.parametrize("mode,gate", [(0, 0), (2, 0), (2, 1), (2, 2)])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("b,s,c", [(3, 5, 7), (40, 16, 48)])  # 40: blocks over both threads
+def test_gpool_commit_matches_mean_then_quant_commit(mode, gate, sparse, b, s, c):
+    """Global average pooling fused with the epilogue == each sample's rows summed in order
+    in float32 and divided by S (within rounding of torch's mean), then quant_commit: bit for
+    bit."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((mode, gate, sparse, b, s, c)).encode()))
+    x = torch.randn(b * s + 1, c, generator=g)
+    x[-1] = 0
+    thr = {0: torch.empty(0), 2: 0.05 + 0.1 * torch.rand(c, generator=g)}[mode]
+    lo, hi = (0.0, 6.0) if gate else (-math.inf, math.inf)
+    rows = (torch.randperm(b, generator=g)[: max(2, b // 2)].sort().values if sparse
+            else torch.empty(0, dtype=torch.long))  # fmt: skip
+    r = rows if sparse else torch.arange(b)
+    per = x[: b * s].view(b, s, c)[r]
+    z = per[:, 0].clone()
+    for j in range(1, s):
+        z += per[:, j]
+    z /= s
+    torch.testing.assert_close(z, per.mean(1), rtol=1e-5, atol=1e-6)
+    buf = torch.full((b + 1, c), POISON)
+    buf[r] = z + 0.5 * torch.randn(len(r), c, generator=g)
+    settled = buf.clone()
+    ops, e = torch.ops.deltasparse, torch.empty(0)
+    ops.quant_commit(z.clone(), settled, rows, e, lo, hi, thr, mode, 1, True, gate)
+    buf[r[::2]] = settled[r[::2]]  # some samples store what this frame commits
+    for compare in (True, False):
+        got_buf, want_buf = buf.clone(), buf.clone()
+        got = ops.gpool_commit(x, s, rows, not sparse, e, got_buf, lo, hi, thr, mode, 1, compare,
+                               gate)  # fmt: skip
+        mask = ops.quant_commit(z.clone(), want_buf, rows, e, lo, hi, thr, mode, 1, compare, gate)
+        assert torch.equal(got_buf, want_buf)
+        if compare:
+            assert torch.equal(got, r[mask])
+            assert 0 < got.numel() < len(r)  # both outcomes drawn
+        else:
+            assert got.numel() == 0
+    with pytest.raises(RuntimeError, match="B \\* S"):
+        ops.gpool_commit(x[:-1], s, rows, not sparse, e, buf.clone(), lo, hi, thr, mode, 1, True,
+                         gate)  # fmt: skip
+
+
+@needs_cpp
 def test_fused_commit_refuses_bad_shapes():
     ops = torch.ops.deltasparse
     x, buf, e = torch.zeros(5, 3), torch.zeros(5, 4), torch.empty(0)
@@ -355,6 +399,44 @@ def test_reachable_cpp_equals_torch(k, s, pad, d, ceil, monkeypatch):
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.deltasparse.reachable(torch.tensor([geom.p_in]), 2, 9, 7, *out, *k, *s, *pad,
                                         *d)  # fmt: skip
+
+
+@needs_cpp
+@pytest.mark.parametrize("k,s,pad,d,n", [
+    ((3, 3), (2, 2), (1, 1), (1, 1), 20), ((3, 3), (2, 2), (1, 1), (1, 1), 9000),
+    ((3, 3), (1, 1), (1, 1), (1, 1), 30000), ((2, 2), (2, 2), (0, 0), (1, 1), 40000),
+    ((3, 5), (1, 2), (2, 1), (2, 1), 5000),
+])  # fmt: skip
+def test_reachable_cpp_on_large_maps(k, s, pad, d, n, monkeypatch):
+    """Maps large enough for the threaded paths (the dilation in tasks of output rows, the
+    indices in chunks): the C++ op == the table path, a sparse and a dense active set."""
+    from deltasparse.engine.kernels import geometry
+
+    g = torch.Generator().manual_seed(n)
+    h, w = 64, 48
+    out = (out_size(h, k[0], s[0], pad[0], d[0]), out_size(w, k[1], s[1], pad[1], d[1]))
+    geom = WindowGeom(8, (h, w), out, k, s, pad, d)
+    active = torch.randperm(geom.p_in, generator=g)[:n].sort().values
+    fast = torch.ops.deltasparse.reachable(active, 8, h, w, *out, *k, *s, *pad, *d)
+    monkeypatch.setattr(geometry, "_cpp_loaded", lambda: False)  # the table path
+    assert torch.equal(fast, geom.reachable(active))
+    assert 0 < fast.numel() <= geom.p_out
+
+
+@needs_cpp
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 100, 16384, 16391, 50001])
+@pytest.mark.parametrize("p", [0.0, 0.03, 0.5, 1.0])
+def test_flagged_equals_nonzero(n, p):
+    """flagged (branch-free, 8 flags a step, chunks on threads) == mask.nonzero() and
+    rows[mask], for sizes around the steps and the chunks."""
+    g = torch.Generator().manual_seed(n + int(100 * p))
+    mask = torch.rand(n, generator=g) < p
+    rows = torch.randperm(3 * n + 1, generator=g)[:n]
+    got = torch.ops.deltasparse.flagged(mask, torch.empty(0, dtype=torch.long))
+    assert torch.equal(got, mask.nonzero().squeeze(1))
+    assert torch.equal(torch.ops.deltasparse.flagged(mask, rows), rows[mask])
+    with pytest.raises(RuntimeError, match="as many as mask"):
+        torch.ops.deltasparse.flagged(torch.ones(3, dtype=torch.bool), torch.arange(2))
 
 
 @needs_cpp

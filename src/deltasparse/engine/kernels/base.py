@@ -72,6 +72,10 @@ class Backend:
     def pool_commit(self, x, spec: PoolSpec, rows, out, chain, first: bool):
         return NotImplemented
 
+    def gpool_commit(self, x, rows, out, chain, first: bool):
+        """Global average pooling of the samples ``rows`` of the Value ``x``."""
+        return NotImplemented
+
     def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
         """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
         return n

@@ -167,6 +167,80 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   return changed;
 }
 
+// The indices of the flagged entries of mask (n bytes, each 0 or 1), as rp[i] (or i when
+// rp is null), in order. Branch-free: a flag that is as
+// likely set as not costs a mispredicted branch per byte otherwise (160 us on a 64k mask at
+// 25%); here 8 bytes become an 8-bit mask (one multiply), whose set positions a table lists,
+// all 8 written and the count advanced by the popcount. Words without a flag are skipped.
+struct DsBitPos {
+  uint8_t pos[256][8];
+  DsBitPos() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int b = 0; b < 8; ++b) if (m >> b & 1) pos[m][k++] = (uint8_t)b;
+      for (; k < 8; ++k) pos[m][k] = 0;
+    }
+  }
+};
+static const DsBitPos ds_bitpos;
+
+// Writes the count entries (cap, counted before) into op[0, cap), offset by base.
+static void ds_compact(const uint8_t* mask, int64_t n, const int64_t* rp, int64_t base,
+                       int64_t* op, int64_t cap) {
+  int64_t j = 0, i0 = 0;
+  for (; i0 + 8 <= n && j + 8 <= cap; i0 += 8) {
+    uint64_t w;
+    std::memcpy(&w, mask + i0, 8);
+    if (w == 0) continue;
+    // byte b (0 or 1) to bit b: the products of the bytes and the multiplier's bytes
+    // never overlap, and bytes b and 7 - b meet in bit 56 + b
+    const unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+    const uint8_t* p = ds_bitpos.pos[m];
+    if (rp) for (int t = 0; t < 8; ++t) op[j + t] = rp[i0 + p[t]];
+    else for (int t = 0; t < 8; ++t) op[j + t] = base + i0 + p[t];
+    j += __builtin_popcount(m);
+  }
+  for (int64_t i = i0; i < n && j < cap; ++i)  // the last few: no spare slots to write
+    if (mask[i]) op[j++] = rp ? rp[i] : base + i;
+}
+
+// Large masks in chunks on torch's threads: the flags of each chunk counted, then every
+// chunk compacted at its offset.
+static torch::Tensor ds_flagged(const uint8_t* mask, int64_t n, const int64_t* rp,
+                                const torch::TensorOptions& opts) {
+  const int64_t chunk = 16384, nc = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+  std::vector<int64_t> cnt(nc + 1, 0);
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t k = 0;
+      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) k += mask[i] != 0;
+      cnt[c + 1] = k;
+    }
+  });
+  for (int64_t c = 0; c < nc; ++c) cnt[c + 1] += cnt[c];
+  auto out = torch::empty({cnt[nc]}, opts.dtype(torch::kInt64));
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * chunk, len = std::min(n, i0 + chunk) - i0;
+      ds_compact(mask + i0, len, rp ? rp + i0 : nullptr, i0, op + cnt[c], cnt[c + 1] - cnt[c]);
+    }
+  });
+  return out;
+}
+
+// flagged(mask (n,) bool, rows (n,) int64 or empty): the indices of the set entries (rows of
+// them, when rows are given), as mask.nonzero() / rows[mask] without their ~3x cost.
+torch::Tensor flagged(torch::Tensor mask, torch::Tensor rows) {
+  TORCH_CHECK(mask.dtype() == torch::kBool && mask.dim() == 1 && mask.is_contiguous(),
+              "mask (n,) bool contiguous");
+  const bool r = rows.numel() > 0;
+  TORCH_CHECK(!r || (rows.dtype() == torch::kInt64 && rows.is_contiguous() &&
+                     rows.numel() == mask.numel()), "rows (n,) int64, as many as mask");
+  return ds_flagged(reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), mask.numel(),
+                    r ? rows.data_ptr<int64_t>() : nullptr, mask.options());
+}
+
 // The threshold table of a thr_mode (see quant_commit) for C channels.
 static void ds_check_thr(const torch::Tensor& thr, int64_t thr_mode, int64_t C, int64_t hw) {
   TORCH_CHECK(thr_mode >= 0 && thr_mode <= 3, "thr_mode 0..3");
@@ -180,8 +254,9 @@ static void ds_check_thr(const torch::Tensor& thr, int64_t thr_mode, int64_t C, 
 
 // The input gate fused with storing the frame: frame (B, C, S) float32 (NCHW, S = H*W);
 // every pixel's channels are written to its row of in_buf (P + 1, C) (the input's state, as
-// a copy would) and run through the epilogue of quant_commit into buf (P + 1, C), in one
-// pass over the frame (in chunks that stay in cache). Returns the changed mask (P,).
+// a copy would; in_buf empty: not stored) and run through the epilogue of quant_commit into
+// buf (P + 1, C), in one pass over the frame (in chunks that stay in cache). Returns the
+// changed pixels (sorted indices; empty when !compare).
 template <int MODE, bool CMP, int GATE>
 static void frame_all(const float* fp, float* ip, float* bp, const float* tp, bool* cp,
                       int64_t B, int64_t C, int64_t S, int64_t hw, float lo, float hi) {
@@ -190,8 +265,9 @@ static void frame_all(const float* fp, float* ip, float* bp, const float* tp, bo
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     int64_t b = begin / S, s = begin % S;  // no divisions per pixel
     int64_t pos = MODE == 3 ? begin % hw : 0;
+    std::vector<float> scratch(ip ? 0 : C);
     for (int64_t r = begin; r < end; ++r) {
-      float* zi = ip + r * C;
+      float* zi = ip ? ip + r * C : scratch.data();
       const float* fi = fp + b * C * S + s;
       if (C == 3) {  // RGB: constant trip counts
         zi[0] = fi[0]; zi[1] = fi[S]; zi[2] = fi[2 * S];
@@ -260,23 +336,25 @@ torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tenso
   TORCH_CHECK(frame.dim() == 4 && frame.is_contiguous() && in_buf.is_contiguous() &&
               buf.is_contiguous(), "frame (B, C, H, W), contiguous tensors only");
   const int64_t B = frame.size(0), C = frame.size(1), S = frame.size(2) * frame.size(3);
-  TORCH_CHECK(in_buf.dim() == 2 && in_buf.size(0) == B * S + 1 && in_buf.size(1) == C &&
-              buf.sizes() == in_buf.sizes(), "in_buf, buf (B*H*W + 1, C)");
+  const bool store = in_buf.numel() > 0;
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == B * S + 1 && buf.size(1) == C &&
+              (!store || buf.sizes() == in_buf.sizes()), "in_buf (or empty), buf (B*H*W + 1, C)");
   TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");
   ds_check_thr(thr, thr_mode, C, hw);
   TORCH_CHECK(thr_mode != 3 || S % hw == 0, "thr_mode 3: H*W a multiple of hw");
   auto changed = torch::zeros({B * S}, frame.options().dtype(torch::kBool));
   const float* fp = frame.data_ptr<float>();
-  float* ip = in_buf.data_ptr<float>();
+  float* ip = store ? in_buf.data_ptr<float>() : nullptr;
   float* bp = buf.data_ptr<float>();
   const float* tp = thr_mode ? thr.data_ptr<float>() : nullptr;
   bool* cp = changed.data_ptr<bool>();
   const float flo = (float)lo, fhi = (float)hi;
+  const auto* mp = reinterpret_cast<const uint8_t*>(cp);
   if (C == 3 && gate == 2 && (thr_mode == 1 || thr_mode == 2 || (thr_mode == 3 && hw == S))) {
     if (thr_mode == 1) frame3_pixel<1>(fp, ip, bp, tp, cp, B, S, flo, fhi);
     else if (thr_mode == 2) frame3_pixel<2>(fp, ip, bp, tp, cp, B, S, flo, fhi);
     else frame3_pixel<3>(fp, ip, bp, tp, cp, B, S, flo, fhi);
-    return changed;
+    return ds_flagged(mp, compare ? B * S : 0, nullptr, changed.options());
   }
 #define DS_FCASE(M, G)                                                                     \
   if (thr_mode == M && gate == G) {                                                        \
@@ -286,7 +364,7 @@ torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tenso
   DS_FCASE(0, 0) DS_FCASE(1, 0) DS_FCASE(2, 0) DS_FCASE(3, 0)
   DS_FCASE(1, 1) DS_FCASE(2, 1) DS_FCASE(3, 1) DS_FCASE(1, 2) DS_FCASE(2, 2) DS_FCASE(3, 2)
 #undef DS_FCASE
-  return changed;
+  return ds_flagged(mp, compare ? B * S : 0, nullptr, changed.options());
 }
 
 // Window ops at output rows (the listed `rows`, or every row when `all`): mode 0 depthwise
@@ -439,18 +517,6 @@ static void ds_block_gemm(const float* a, int64_t m, int64_t K, const float* w, 
              torch::from_blob(const_cast<float*>(w), {K, N}, o));
 }
 
-// The indices of the flagged entries of mask (n bytes), as rp[i] (or i when rp is null).
-static torch::Tensor ds_flagged(const uint8_t* mask, int64_t n, const int64_t* rp,
-                                const torch::TensorOptions& opts) {
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < n; ++i) cnt += mask[i] != 0;
-  auto out = torch::empty({cnt}, opts.dtype(torch::kInt64));
-  int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t i = 0, j = 0; j < cnt; ++i)
-    if (mask[i]) op[j++] = rp ? rp[i] : i;
-  return out;
-}
-
 template <typename Compute>
 static torch::Tensor ds_blocked_commit(int64_t n, int64_t C, int64_t R, const int64_t* rp,
                                        Compute compute, torch::Tensor buf, torch::Tensor bias,
@@ -515,8 +581,20 @@ struct DsGemm {
         std::memcpy(ai, xp + r * cin, cin * sizeof(float));
       } else {
         const int64_t* ti = tp + r * k2;
-        for (int64_t j = 0; j < k2; ++j)
-          std::memcpy(ai + j * cin, xp + ti[j] * cin, cin * sizeof(float));
+        if (cin == 3) {  // RGB: an inline copy (a memcpy call per 12-byte tap costs more)
+          for (int64_t j = 0; j < k2; ++j) {
+            const float* src = xp + ti[j] * 3;
+            ai[3 * j] = src[0]; ai[3 * j + 1] = src[1]; ai[3 * j + 2] = src[2];
+          }
+        } else if (cin < 16) {
+          for (int64_t j = 0; j < k2; ++j) {
+            const float* src = xp + ti[j] * cin;
+            for (int64_t c = 0; c < cin; ++c) ai[j * cin + c] = src[c];
+          }
+        } else {
+          for (int64_t j = 0; j < k2; ++j)
+            std::memcpy(ai + j * cin, xp + ti[j] * cin, cin * sizeof(float));
+        }
       }
     }
     ds_block_gemm(a.data(), m, K, wp, C, z);
@@ -569,6 +647,47 @@ torch::Tensor gemm_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor row
                            thr_mode, hw, compare, gate);
 }
 
+// Global average pooling rows: sample i of x (B * S + 1, C) averaged over its S rows (summed
+// in order, then divided by S); compute(i0, m, y) writes samples i0..i0+m of the n listed
+// (rp) or of all samples (rp null).
+struct DsMean {
+  const float* xp; const int64_t* rp;
+  int64_t S, C;
+  void operator()(int64_t i0, int64_t m, float* y) const {
+    const float inv = (float)S;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t b = rp ? rp[i0 + i] : i0 + i;
+      const float* xb = xp + b * S * C;
+      float* yi = y + i * C;
+      for (int64_t c = 0; c < C; ++c) yi[c] = xb[c];
+      for (int64_t s = 1; s < S; ++s) {
+        const float* xs = xb + s * C;
+        for (int64_t c = 0; c < C; ++c) yi[c] += xs[c];
+      }
+      for (int64_t c = 0; c < C; ++c) yi[c] /= inv;
+    }
+  }
+};
+
+// Global average pooling of the listed samples (rows, or all when `all`) of x (B * S + 1, C),
+// fused with the epilogue of quant_commit into buf (B + 1, C).
+torch::Tensor gpool_commit(torch::Tensor x, int64_t S, torch::Tensor rows, bool all,
+                           torch::Tensor bias, torch::Tensor buf, double lo, double hi,
+                           torch::Tensor thr, int64_t thr_mode, int64_t hw, bool compare,
+                           int64_t gate) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x (B * S + 1, C) float32 contiguous");
+  TORCH_CHECK(S > 0 && buf.dim() == 2 && x.size(0) == (buf.size(0) - 1) * S + 1 &&
+              x.size(1) == buf.size(1), "x (B * S + 1, C), buf (B + 1, C)");
+  TORCH_CHECK(all || (rows.dtype() == torch::kInt64 && rows.is_contiguous()), "rows int64");
+  DsMean d;
+  d.xp = x.data_ptr<float>(); d.rp = all ? nullptr : rows.data_ptr<int64_t>();
+  d.S = S; d.C = x.size(1);
+  const int64_t n = all ? buf.size(0) - 1 : rows.size(0);
+  return ds_blocked_commit(n, d.C, 16, d.rp, d, buf, bias, lo, hi, thr, thr_mode, hw, compare,
+                           gate);
+}
+
 // window_rows (depthwise conv, mode 0, or max pooling, mode 1) fused with the epilogue.
 torch::Tensor window_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor w,
                             torch::Tensor rows, bool all, int64_t mode, torch::Tensor bias,
@@ -597,9 +716,42 @@ static inline int ds_axis_outputs(int64_t y, int64_t k, int64_t s, int64_t p, in
   return cnt;
 }
 
+// Output rows r0..r1 (row oy of image b: r = b * Ho + oy) of the mask of the outputs whose
+// window holds a flagged input of `in` (B, H, W bytes): the window's rows ORed into v (a
+// row with pw zero bytes before it and enough after), then its taps along the row. The
+// geometry comes as arguments (locals): a byte store may alias anything in memory, which
+// would keep the loops from vectorising.
+static void ds_dilate_rows(const uint8_t* in, uint8_t* mask, uint8_t* v, int64_t r0,
+                           int64_t r1, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                           int64_t pw, int64_t dh, int64_t dw) {
+  uint8_t* vr = v + pw;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / Ho, oy = r - b * Ho;
+    std::memset(vr, 0, W);
+    for (int64_t u = 0; u < kh; ++u) {
+      const int64_t y = oy * sh - ph + u * dh;
+      if (y < 0 || y >= H) continue;
+      const uint8_t* __restrict row = in + (b * H + y) * W;
+      uint8_t* __restrict acc = vr;
+      for (int64_t x = 0; x < W; ++x) acc[x] |= row[x];
+    }
+    uint8_t* __restrict o = mask + r * Wo;
+    std::memset(o, 0, Wo);
+    for (int64_t j = 0; j < kw; ++j) {  // a tap at a time: contiguous when sw == 1
+      const uint8_t* __restrict tap = v + j * dw;
+      if (sw == 1) for (int64_t ox = 0; ox < Wo; ++ox) o[ox] |= tap[ox];
+      else for (int64_t ox = 0; ox < Wo; ++ox) o[ox] |= tap[ox * sw];
+    }
+  }
+}
+
 // The sorted output rows whose window holds one of the `active` input rows (sorted or not),
 // computed from the window's arithmetic (no table: the inverse table of a 64-stream 64x64
-// input is 19 MB, read at random) into a byte mask over the outputs.
+// input is 19 MB, read at random) into a byte mask over the outputs. Few active rows: each
+// marks the outputs it reaches (a few mispredicted branches each, ~10 ns); many: the mask of
+// the active inputs is dilated by the window, a vertical OR of whole image rows then a
+// horizontal one (branch-free, ~1 ns per output), which is the same set.
 torch::Tensor reachable(torch::Tensor active, int64_t B, int64_t H, int64_t W, int64_t Ho,
                         int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                         int64_t pw, int64_t dh, int64_t dw) {
@@ -609,18 +761,35 @@ torch::Tensor reachable(torch::Tensor active, int64_t B, int64_t H, int64_t W, i
               sw > 0 && ph >= 0 && pw >= 0 && dh > 0 && dw > 0, "bad window geometry");
   const int64_t n = active.size(0), S = H * W, p_in = B * S, So = Ho * Wo, p_out = B * So;
   const int64_t* ap = active.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ap[i] >= 0 && ap[i] < p_in, "reachable: active row ", ap[i], " outside [0, ",
+                p_in, ")");
   std::vector<uint8_t> mask(p_out, 0);
-  std::vector<int64_t> oy(kh), ox(kw);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = ap[i];
-    TORCH_CHECK(a >= 0 && a < p_in, "reachable: active row ", a, " outside [0, ", p_in, ")");
-    const int64_t b = a / S, r = a - b * S, y = r / W, x = r - y * W;
-    const int ny = ds_axis_outputs(y, kh, sh, ph, dh, Ho, oy.data());
-    const int nx = ds_axis_outputs(x, kw, sw, pw, dw, Wo, ox.data());
-    uint8_t* mb = mask.data() + b * So;
-    for (int u = 0; u < ny; ++u)
-      for (int v = 0; v < nx; ++v) mb[oy[u] * Wo + ox[v]] = 1;
+  if (n * kh * kw * 8 < p_out + p_in) {
+    std::vector<int64_t> oy(kh), ox(kw);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = ap[i];
+      const int64_t b = a / S, r = a - b * S, y = r / W, x = r - y * W;
+      const int ny = ds_axis_outputs(y, kh, sh, ph, dh, Ho, oy.data());
+      const int nx = ds_axis_outputs(x, kw, sw, pw, dw, Wo, ox.data());
+      uint8_t* mb = mask.data() + b * So;
+      for (int u = 0; u < ny; ++u)
+        for (int v = 0; v < nx; ++v) mb[oy[u] * Wo + ox[v]] = 1;
+    }
+    return ds_flagged(mask.data(), p_out, nullptr, active.options());
   }
+  std::vector<uint8_t> in(p_in, 0);
+  for (int64_t i = 0; i < n; ++i) in[ap[i]] = 1;
+  // one image row ORed over the window's rows, padded so that every tap of every output
+  // column reads inside it (pw zeros before, enough after for ceil mode)
+  const int64_t right = std::max<int64_t>(0, (Wo - 1) * sw - pw + (kw - 1) * dw - (W - 1));
+  const int64_t grain = std::max<int64_t>(1, 4096 / W);  // output rows per task
+  const uint8_t* ip = in.data();
+  uint8_t* mp = mask.data();
+  at::parallel_for(0, B * Ho, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> v(pw + W + right, 0);
+    ds_dilate_rows(ip, mp, v.data(), r0, r1, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw);
+  });
   return ds_flagged(mask.data(), p_out, nullptr, active.options());
 }
 
@@ -1049,6 +1218,9 @@ TORCH_LIBRARY(deltasparse, m) {
         "bool compare, int gate) -> Tensor");
   m.def("gemm_rows(Tensor x, Tensor taps, Tensor rows, bool all, Tensor w, int p_out) -> Tensor");
   m.def("has_sgemm() -> bool", &ds_has_sgemm);
+  m.def("flagged(Tensor mask, Tensor rows) -> Tensor");
+  m.def("gpool_commit(Tensor x, int S, Tensor rows, bool all, Tensor bias, Tensor(a!) buf, "
+        "float lo, float hi, Tensor thr, int thr_mode, int hw, bool compare, int gate) -> Tensor");
   m.def("reachable(Tensor active, int B, int H, int W, int Ho, int Wo, int kh, int kw, int sh, "
         "int sw, int ph, int pw, int dh, int dw) -> Tensor");
 }
@@ -1062,6 +1234,8 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
   m.impl("gemm_commit", &gemm_commit);
   m.impl("gemm_rows", &gemm_rows);
   m.impl("reachable", &reachable);
+  m.impl("flagged", &flagged);
+  m.impl("gpool_commit", &gpool_commit);
   m.impl("window_commit", &window_commit);
 }
 
@@ -1069,7 +1243,7 @@ TORCH_LIBRARY_IMPL(deltasparse, CPU, m) {
 
 _state: dict = {}
 # Bump when the C++ source or the flags change (part of the build key and the module name).
-_VERSION = 17
+_VERSION = 18
 # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP);
 # compiled without it the loops run on one thread. With GCC the library links libgomp.so.1,
 # which resolves to the copy torch has already loaded (one OpenMP runtime, torch's thread
@@ -1194,7 +1368,8 @@ def load(build: bool = True):
 
         @torch.library.register_fake("deltasparse::frame_gate")
         def _fake_frame(frame, in_buf, buf, lo, hi, thr, thr_mode, hw, compare, gate):
-            return frame.new_empty(in_buf.shape[0] - 1, dtype=torch.bool)
+            n = torch.library.get_ctx().new_dynamic_size()
+            return frame.new_empty(n, dtype=torch.long)
 
         @torch.library.register_fake("deltasparse::window_rows")
         def _fake_window(x, taps, w, rows, all, mode):

@@ -273,6 +273,16 @@ class CppBackend(TorchBackend):
         return self._commit("window", x, spec.geom.taps, rows, _NO_BIAS, None, out, chain,
                             first, mode=1)  # fmt: skip
 
+    def gpool_commit(self, x, rows, out, chain, first):
+        if self._fused(x.buf, out, chain) is None:
+            return NotImplemented
+        lo, hi, thr, thr_mode, gate = chain.fused
+        r = _NO_ROWS if rows is None else rows
+        changed = torch.ops.deltasparse.gpool_commit(x.buf, x.hw[0] * x.hw[1], r, rows is None,
+                                                     _NO_BIAS, out.buf, lo, hi, thr, thr_mode,
+                                                     chain.hw, not first, gate)  # fmt: skip
+        return None if first else changed
+
     def depthwise(self, x, spec, rows):
         # every row: oneDNN's dense depthwise conv (~2.4x faster than the row kernel there)
         if rows is None or x.dtype != torch.float32:
@@ -302,9 +312,10 @@ class CppBackend(TorchBackend):
         one C++ pass: what the input op's copy and the gate's :meth:`finish` over all rows do
         (the changed rows of ``out``; None on the first frame)."""
         lo, hi, thr, mode, gate = chain.fused
-        mask = torch.ops.deltasparse.frame_gate(frame, inp.buf, out.buf, lo, hi, thr, mode,
-                                                chain.hw, not first, gate)  # fmt: skip
-        return None if first else mask.nonzero().squeeze(1)
+        # the input's rows are not stored: the gate is their only reader (InputGateOp)
+        changed = torch.ops.deltasparse.frame_gate(frame, _NO_BIAS, out.buf, lo, hi, thr, mode,
+                                                   chain.hw, not first, gate)  # fmt: skip
+        return None if first else changed
 
     def finish(self, out, rows, z, chain, first, bias=None):
         if z.dtype != torch.float32 or not z.is_contiguous():
@@ -323,4 +334,4 @@ class CppBackend(TorchBackend):
         mask = self._op(z, out.buf, r, b, lo, hi, thr, mode, hw, not first, gate)
         if first:
             return None
-        return mask.nonzero().squeeze(1) if rows is None else rows[mask]
+        return torch.ops.deltasparse.flagged(mask, r)
