@@ -8,7 +8,8 @@ training again: what an engine change does to a model that training already prod
 ``exploit`` raises glibc's mmap and trim thresholds (``mallopt``) before timing, so that the
 dense model's large per-frame temporaries stay on the heap instead of being mapped and
 page-faulted every frame (its fastest state; measured 0.21-0.50 ms a frame on the demo model
-without it). ``--no-malloc-tune`` leaves the allocator alone, to compare.
+without it). ``--no-malloc-tune`` leaves the allocator alone, to compare; ``--crossover
+depthwise=0.35`` runs the engine with another crossover for an op kind, to compare.
 
 The JSON holds the command, the torch version, the commit and the engine stage's fields
 (executed and predicted density, ms per frame dense and delta, speedup, accuracy, agreement).
@@ -37,11 +38,21 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/engine_trained.json")
     ap.add_argument("--no-malloc-tune", action="store_true",
                     help="leave glibc's M_MMAP_THRESHOLD / M_TRIM_THRESHOLD as they are")
+    ap.add_argument("--crossover", action="append", default=[], metavar="KIND=FRACTION",
+                    help="override the engine's crossover for an op kind (e.g. depthwise=0.35; "
+                         "repeatable), to measure a default against another")
     args = ap.parse_args()
+    crossover = {}
+    for item in args.crossover:
+        kind, _, val = item.partition("=")
+        try:
+            crossover[kind] = float(val)
+        except ValueError:
+            ap.error(f"--crossover {item!r}: expected KIND=FRACTION, e.g. depthwise=0.35")
     model, cfg, _ = load_model(args.checkpoint)
     t0 = time.perf_counter()
     r = exploit(model.eval(), cfg, streams=args.streams, threads=args.threads,
-                tune_malloc=not args.no_malloc_tune)
+                tune_malloc=not args.no_malloc_tune, crossover=crossover or None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     write_json_atomic({

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Backend, ConvSpec, LinearSpec, PoolSpec
+from .kernels.geometry import reached_samples
 from .plan import ChainOp
 
 __all__ = ["InputGateOp", "OpStats", "RuntimeOp", "Value"]
@@ -509,8 +510,7 @@ class SampleOp(RuntimeOp):
 
     def select(self):
         x = self.inputs[0]
-        hw = x.hw[0] * x.hw[1]
-        return torch.unique_consecutive(x.changed // hw)  # changed rows are sorted
+        return reached_samples(x.changed, x.batch, x.hw)
 
     def compute(self, rows):
         x = self.inputs[0]

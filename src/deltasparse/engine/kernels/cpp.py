@@ -55,6 +55,8 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
+
+
 // v clamped to [lo, hi]; a NaN stays NaN (as torch.clamp).
 static inline float ds_clamp(float v, float lo, float hi) {
   v = v < lo ? lo : v;
@@ -696,7 +698,9 @@ torch::Tensor window_commit(torch::Tensor x, torch::Tensor taps, torch::Tensor w
   const DsWindow d = ds_window(x, taps, w, rows, all, mode);
   TORCH_CHECK(taps.size(0) == buf.size(0) - 1, "taps (P_out, k2), buf (P_out + 1, C)");
   const int64_t n = all ? taps.size(0) : rows.size(0);
-  const int64_t R = std::max<int64_t>(8, std::min<int64_t>(256, 16384 / std::max<int64_t>(d.C, 1)));
+  // ~16 KB of results a block: a third of L1, so that the block's input rows stay there
+  // across its channel blocks (64 KB blocks measured 5% slower on the demo model, streamed)
+  const int64_t R = std::max<int64_t>(8, std::min<int64_t>(256, 4096 / std::max<int64_t>(d.C, 1)));
   return ds_blocked_commit(n, d.C, R, d.rp, d, buf, bias, lo, hi, thr, thr_mode, hw, compare,
                            gate);
 }

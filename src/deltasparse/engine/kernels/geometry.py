@@ -155,6 +155,15 @@ class WindowGeom:
         )
 
 
+def reached_samples(active: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+    """The samples (sorted) holding one of the sorted ``active`` rows of a (batch, h, w) map:
+    the outputs of a whole-map window (global pooling, flatten)."""
+    if active.device.type == "cpu" and _cpp_loaded():  # ~5x faster than unique_consecutive
+        h, w = hw
+        return torch.ops.deltasparse.reachable(active, batch, h, w, 1, 1, h, w, 1, 1, 0, 0, 1, 1)
+    return torch.unique_consecutive(active // (hw[0] * hw[1]))
+
+
 def _cpp_loaded() -> bool:
     """Whether the C++ ops are loaded (the C++ backend loads them; never built from here)."""
     from . import cpp

@@ -178,10 +178,12 @@ class CppBackend(TorchBackend):
     name = "cpp"
     defers_bias = True  # added inside the fused epilogue (saves a pass)
     # The C++ depthwise kernel reads the k^2 taps in place, with the sums of 16-32 channels in
-    # registers: 20% of the rows cost 0.57-0.70x oneDNN's dense conv on the demo model's
-    # shapes (64 streams of 32x32x48, 16x16x96, 8x8x192; 2 threads), so dense wins above
-    # ~30-35%; the demo's delta model streams fastest at 0.35 (0.15: 12% slower).
-    crossover = {**TorchBackend.crossover, "depthwise": 0.35}
+    # registers, and commits each block of rows while it is in cache. oneDNN's dense conv is
+    # faster per row, but its result then goes through a separate epilogue over every row:
+    # streamed, the demo's delta model runs 7-10% faster per step at 0.6-1.0 than at 0.35
+    # (the value before the fused commit), measured side by side with
+    # ``bench/engine_trained.py --crossover depthwise=...``.
+    crossover = {**TorchBackend.crossover, "depthwise": 0.75}
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)
