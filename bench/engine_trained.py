@@ -29,6 +29,8 @@ from _common import cpu_model
 from deltasparse.checkpoint import load_model, write_json_atomic
 from deltasparse.exploit import exploit, summary_line
 
+_KINDS = ("linear", "conv", "depthwise", "pool", "pointwise")  # the engine's crossover keys
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +47,8 @@ def main() -> int:
     crossover = {}
     for item in args.crossover:
         kind, _, val = item.partition("=")
+        if kind not in _KINDS:
+            ap.error(f"--crossover {item!r}: unknown op kind {kind!r}; one of {', '.join(_KINDS)}")
         try:
             crossover[kind] = float(val)
         except ValueError:

@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from rich.console import Console
 
 from deltasparse.benchmark import _calibrate, build_bench_model, run_bench
@@ -89,3 +90,23 @@ def test_table_headline_is_against_the_fused_dense_baseline(bench):
     assert "| speedup vs fused dense |" in md[0] and len(md) == 2 + 6
     r = res["rows"][0]
     assert f"| {r['speedup_vs_fused_dense']:.2f}x |" in md[2]
+
+
+def test_timed_returns_the_output_and_the_host_time_on_cpu():
+    from deltasparse.benchmark import _timed
+
+    x = torch.arange(6.0)
+    y, t = _timed(lambda f: f * 2, x, x.device)
+    assert torch.equal(y, x * 2) and 0 < t < 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_timed_waits_for_the_gpu():
+    """A kernel that spins ~20 ms on the GPU returns at once on the host; the CUDA-event
+    time sees it (a host timer around the launch would report microseconds)."""
+    from deltasparse.benchmark import _timed
+
+    x = torch.ones(4, device="cuda")
+    rate = torch.cuda.get_device_properties(0).clock_rate * 1e3  # kHz -> Hz
+    _, t = _timed(lambda f: torch.cuda._sleep(int(0.02 * rate)) or f, x, x.device)
+    assert t > 0.01

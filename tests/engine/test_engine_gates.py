@@ -154,8 +154,8 @@ def test_cpp_frame_gate_equals_copy_then_commit(gate, thr_mode, c, b, h, w):
 
 
 def test_engine_fuses_the_input_gate_on_cpp():
-    """With the C++ backend the input gate runs fused with storing the frame (InputGateOp);
-    outputs, the stored input and the counts equal the torch backend's on every frame."""
+    """With the C++ backend the input gate runs on the NCHW frame itself (InputGateOp);
+    outputs, the input's value and the counts equal the torch backend's on every frame."""
     from deltasparse.engine.kernels import CppBackend
     from deltasparse.engine.ops import InputGateOp
 
@@ -181,3 +181,34 @@ def test_engine_fuses_the_input_gate_on_cpp():
     assert sa["effective_macs"] == sb["effective_macs"]
     ia, ib = (next(r for r in s["layers"] if r["kind"] == "pointwise") for s in (sa, sb))
     assert ia["output_density"] == ib["output_density"] > 0
+
+
+@pytest.mark.parametrize("gate,mode", [("scalar", "grid"), ("pixel", "hysteresis")])
+def test_cpp_sparse_and_dense_paths_store_the_same_state(gate, mode):
+    """The C++ backend's sparse path (every op on its changed rows) and its dense path (every
+    op on every row: oneDNN convs, the fused global pooling over all samples) hold the same
+    state bit for bit on every frame: the engine's output does not depend on the route."""
+    from engine_helpers import ALWAYS_SPARSE, GlobalPoolNet, converted
+
+    from deltasparse.engine.kernels import CppBackend
+
+    if not CppBackend.available():
+        pytest.skip("the C++ engine op is not available here")
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(3, 3, 12, 12, generator=g)
+    gm = converted(GlobalPoolNet(), x0[:1], gate=gate, mode=mode, thr=0.05)
+    dense_xo = {k: 0.0 for k in ALWAYS_SPARSE}
+    sparse = ds.DeltaEngine(gm, backend="cpp", crossover=ALWAYS_SPARSE)
+    dense = ds.DeltaEngine(gm, backend="cpp", crossover=dense_xo)
+    f = x0
+    for t in range(8):
+        if t:
+            f = f.clone()
+            f[t % 3, :, 2:6, 3:7] += 0.2 * torch.rand(3, 4, 4, generator=g)  # one stream moves
+        ys, yd = sparse.step(f), dense.step(f)
+        assert torch.equal(ys, yd)
+        vs, vd = sparse.values(), dense.values()
+        assert vs.keys() == vd.keys()
+        for k in vs:
+            assert torch.equal(vs[k], vd[k]), (t, k)
+    assert sparse.stats.effective_macs < dense.stats.effective_macs  # the sparse route skipped

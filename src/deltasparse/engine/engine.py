@@ -281,7 +281,11 @@ class DeltaEngine:
     __call__ = step
 
     def values(self, names=None) -> dict[str, torch.Tensor]:
-        """The engine's current state per fx node name (NCHW / (B, F) copies; for checks)."""
+        """The engine's current state per fx node name (NCHW / (B, F) copies; for checks).
+
+        The input of a fused input gate (C++ backend) is not stored as rows: its value is a
+        copy of the tensor last passed to :meth:`step` as it is now (a caller that refills one
+        frame buffer in place sees the new contents)."""
         if self._tokens is not None:
             vals = self._tokens.values
             return {n.name: v for n, v in vals.items() if isinstance(v, torch.Tensor)

@@ -367,8 +367,9 @@ class InputOp(RuntimeOp):
     frame: torch.Tensor | None = None
 
     def set_frame(self, frame: torch.Tensor, first: bool) -> None:
-        """Store the frame as rows; the changed pixels are found on the NCHW frame itself so
-        that a mostly static frame is not transposed in full (C is tiny: a strided copy)."""
+        """Store the frame as rows (or, ``deferred``, keep the frame for the fused input gate);
+        the changed pixels are found on the NCHW frame itself so that a mostly static frame
+        is not transposed in full (C is tiny: a strided copy)."""
         t0 = time.perf_counter()
         v = self.out
         b, c = frame.shape[:2]

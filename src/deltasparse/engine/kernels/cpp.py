@@ -169,7 +169,7 @@ torch::Tensor quant_commit(torch::Tensor z, torch::Tensor buf, torch::Tensor row
   return changed;
 }
 
-// The indices of the flagged entries of mask (n bytes, each 0 or 1), as rp[i] (or i when
+// The indices of the flagged (nonzero) entries of mask (n bytes), as rp[i] (or i when
 // rp is null), in order. Branch-free: a flag that is as
 // likely set as not costs a mispredicted branch per byte otherwise (160 us on a 64k mask at
 // 25%); here 8 bytes become an 8-bit mask (one multiply), whose set positions a table lists,
@@ -194,8 +194,11 @@ static void ds_compact(const uint8_t* mask, int64_t n, const int64_t* rp, int64_
     uint64_t w;
     std::memcpy(&w, mask + i0, 8);
     if (w == 0) continue;
-    // byte b (0 or 1) to bit b: the products of the bytes and the multiplier's bytes
-    // never overlap, and bytes b and 7 - b meet in bit 56 + b
+    // every nonzero byte to 1 (a bool tensor may hold other nonzero bytes), then byte b to
+    // bit b: the products of the bytes and the multiplier's bytes never overlap, and bytes
+    // b and 7 - b meet in bit 56 + b
+    constexpr uint64_t lo7 = 0x7f7f7f7f7f7f7f7fULL;
+    w = ((((w & lo7) + lo7) | w) >> 7) & 0x0101010101010101ULL;
     const unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
     const uint8_t* p = ds_bitpos.pos[m];
     if (rp) for (int t = 0; t < 8; ++t) op[j + t] = rp[i0 + p[t]];
@@ -333,12 +336,12 @@ static void frame3_pixel(const float* fp, float* ip, float* bp, const float* tp,
 torch::Tensor frame_gate(torch::Tensor frame, torch::Tensor in_buf, torch::Tensor buf,
                          double lo, double hi, torch::Tensor thr, int64_t thr_mode, int64_t hw,
                          bool compare, int64_t gate) {
-  TORCH_CHECK(frame.dtype() == torch::kFloat32 && in_buf.dtype() == torch::kFloat32 &&
+  const bool store = in_buf.numel() > 0;
+  TORCH_CHECK(frame.dtype() == torch::kFloat32 && (!store || in_buf.dtype() == torch::kFloat32) &&
               buf.dtype() == torch::kFloat32, "float32 only");
   TORCH_CHECK(frame.dim() == 4 && frame.is_contiguous() && in_buf.is_contiguous() &&
               buf.is_contiguous(), "frame (B, C, H, W), contiguous tensors only");
   const int64_t B = frame.size(0), C = frame.size(1), S = frame.size(2) * frame.size(3);
-  const bool store = in_buf.numel() > 0;
   TORCH_CHECK(buf.dim() == 2 && buf.size(0) == B * S + 1 && buf.size(1) == C &&
               (!store || buf.sizes() == in_buf.sizes()), "in_buf (or empty), buf (B*H*W + 1, C)");
   TORCH_CHECK(gate >= 0 && gate <= 2 && (gate == 0 || thr_mode > 0), "bad gate / thr_mode");

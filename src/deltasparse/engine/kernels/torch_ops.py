@@ -167,6 +167,7 @@ class TorchBackend(Backend):
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 _NO_BIAS = torch.empty(0)
+_NO_FRAME_ROWS = torch.empty(0, dtype=torch.float32)  # frame_gate: do not store the rows
 
 
 class CppBackend(TorchBackend):
@@ -310,13 +311,14 @@ class CppBackend(TorchBackend):
         return chain.fused is not None and dtype == torch.float32
 
     def frame_gate(self, frame, inp, out, chain, first: bool):
-        """Store ``frame`` (NCHW) as the rows of ``inp`` and gate every pixel into ``out``, in
-        one C++ pass: what the input op's copy and the gate's :meth:`finish` over all rows do
-        (the changed rows of ``out``; None on the first frame)."""
+        """Gate every pixel of ``frame`` (NCHW) into ``out`` in one C++ pass over the frame:
+        what the input op's copy to rows and the gate's :meth:`finish` over all rows do, the
+        rows themselves not stored (``inp``, the input's Value, has no other reader). Returns
+        the changed rows of ``out`` (None on the first frame)."""
         lo, hi, thr, mode, gate = chain.fused
         # the input's rows are not stored: the gate is their only reader (InputGateOp)
-        changed = torch.ops.deltasparse.frame_gate(frame, _NO_BIAS, out.buf, lo, hi, thr, mode,
-                                                   chain.hw, not first, gate)  # fmt: skip
+        changed = torch.ops.deltasparse.frame_gate(frame, _NO_FRAME_ROWS, out.buf, lo, hi, thr,
+                                                   mode, chain.hw, not first, gate)  # fmt: skip
         return None if first else changed
 
     def finish(self, out, rows, z, chain, first, bias=None):
