@@ -858,6 +858,9 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
           }
           float* si = sp_ + (b * T + t) * S + s0;
           for (int64_t i = 0; i < n; ++i) si[i] = (gt[i] & !nan[i]) ? 1.f : 0.f;
+          // the write, with the delta norm of the pass below in the same pass (d = q - ref:
+          // the same operations, so the same floats)
+          for (int64_t i = 0; i < n; ++i) acc[i] = 0.f;
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
             const float* ri = t ? qp + base + c * S - C * S : qp;
@@ -865,9 +868,17 @@ std::vector<torch::Tensor> gate_forward(torch::Tensor x, torch::Tensor thr, int6
             for (int64_t i = 0; i < n; ++i) {
               const float a = ds_act(xi[i], act);
               const float r = t ? ri[i] : 0.f;
-              qi[i] = si[i] != 0.f ? a : r;
+              const float v = si[i] != 0.f ? a : r;
+              qi[i] = v;
+              const float d = v - r;
+              acc[i] = acc[i] + d * d;
             }
           }
+          if (t > 0) {
+            float* np = aux.data_ptr<float>() + ((b * (T - 1) + t - 1) * S) + s0;
+            for (int64_t i = 0; i < n; ++i) np[i] = std::sqrt(acc[i]);
+          }
+          continue;
         } else {
           for (int64_t c = 0; c < C; ++c) {
             const float* xi = xp + base + c * S;
