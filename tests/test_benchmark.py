@@ -110,3 +110,24 @@ def test_timed_waits_for_the_gpu():
     rate = torch.cuda.get_device_properties(0).clock_rate * 1e3  # kHz -> Hz
     _, t = _timed(lambda f: torch.cuda._sleep(int(0.02 * rate)) or f, x, x.device)
     assert t > 0.01
+
+
+def test_gpu_dense_baselines_refuse_cpu_frames():
+    from deltasparse.benchmark import gpu_dense_baselines
+
+    with pytest.raises(ValueError, match="CUDA"):
+        gpu_dense_baselines(build_bench_model("convnet"), [torch.rand(1, 3, 32, 32)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bench_rows_carry_the_strongest_dense_baselines():
+    """On a GPU each row times the gate-free, BN-folded model in 8 variants (fp32 / bf16,
+    NCHW / channels-last, eager / CUDA graph) and names the fastest per dtype."""
+    res = run_bench(models=("mobilenet_v1",), resolutions=((128, 160),), threads=(1,),
+                    densities=(0.3, 1.0), frames=4, device="cuda")  # fmt: skip
+    for row in res["rows"]:
+        base = row["dense_baselines_ms"]
+        assert len(base) == 8 and all(v > 0 for v in base.values())
+        assert row["best_dense_bf16_ms"] == min(v for k, v in base.items() if "bfloat16" in k)
+        assert row["speedup_vs_best_dense_fp32"] == pytest.approx(
+            row["best_dense_fp32_ms"] / row["delta_ms"])

@@ -17,10 +17,18 @@ be out of reach at low resolution, where a moving object reaches most of the dee
 The headline speedup (``speedup_vs_fused_dense``) is against the engine with every op forced
 dense (folded batch norm, fused epilogue: the same MACs as the model, done as well as the
 engine can); ``achieved_speedup`` is against the model's own eager forward.
+
+On a GPU every row also times the dense model a GPU user would deploy
+(:func:`gpu_dense_baselines`: the model without its sparsity layers, batch norm folded, in
+float32 and bfloat16, NCHW and channels-last, eager and as a CUDA-graph replay; cuDNN's
+autotuner on), and reports the fastest per dtype with the engine's speedup against each
+(``speedup_vs_best_dense_fp32`` / ``_bf16``). ``torch.compile`` is not among them (minutes
+of compilation per shape). GPU times are CUDA-event times after a synchronisation.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -33,7 +41,8 @@ from torch import nn
 from .data.streams import synthetic_stream
 from .engine import DeltaEngine
 
-__all__ = ["RESOLUTIONS", "build_bench_model", "run_bench", "scale_thresholds"]
+__all__ = ["RESOLUTIONS", "build_bench_model", "cuda_graphed", "gpu_dense_baselines", "run_bench",
+           "scale_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +177,59 @@ def _timed(fn, f, device: torch.device):
     return y, start.elapsed_time(end) / 1e3
 
 
+def cuda_graphed(model: nn.Module, example: torch.Tensor):
+    """``fn(x)`` replaying a CUDA graph of ``model`` captured on a static copy of ``example``
+    (``x`` is copied in, the static output returned)."""
+    static_x = example.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):  # warm-up outside the capture (cuDNN picks its algorithms here)
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        static_y = model(static_x)
+
+    def fn(x):
+        static_x.copy_(x)
+        g.replay()
+        return static_y
+
+    return fn
+
+
+def gpu_dense_baselines(model: nn.Module, frames: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Median ms per frame of the dense model on a CUDA device, per variant
+    ``{float32,bfloat16}_{nchw,channels_last}_{eager,graph}``: ``model`` without its sparsity
+    layers and with batch norm folded (:func:`deltasparse.exploit.fused_dense`), cuDNN's
+    autotuner on, timed with CUDA events over ``frames`` after a warm-up pass."""
+    from .exploit import fused_dense
+
+    if not frames or frames[0].device.type != "cuda":
+        raise ValueError("gpu_dense_baselines needs frames on a CUDA device")
+    dense = fused_dense(model).to(frames[0].device)
+    out = {}
+    bench_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for dtype, dname in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+            for fmt, fname in ((torch.contiguous_format, "nchw"),
+                               (torch.channels_last, "channels_last")):  # fmt: skip
+                m = copy.deepcopy(dense).to(dtype=dtype, memory_format=fmt).eval()
+                fs = [f.to(dtype).contiguous(memory_format=fmt) for f in frames]
+                with torch.no_grad():
+                    runs = {"eager": m, "graph": cuda_graphed(m, fs[0])}
+                    for mode, fn in runs.items():
+                        for f in fs[:2]:
+                            fn(f)  # warm-up
+                        ts = [_timed(fn, f, f.device)[1] for f in fs]
+                        out[f"{dname}_{fname}_{mode}"] = 1e3 * statistics.median(ts)
+    finally:
+        torch.backends.cudnn.benchmark = bench_before
+    return out
+
+
 def _time_all(dense, fused, delta, frames):
     """Per-frame times of the dense model, the engine forced dense, and the delta engine,
     interleaved frame by frame so that all see the same machine load; also the largest
@@ -211,6 +273,7 @@ def run_bench(
     threads_before = torch.get_num_threads()
     try:
         for name in models:
+            gpu_dense: dict[str, dict] = {}  # resolution -> gpu_dense_baselines
             try:
                 model = build_bench_model(name, checkpoint=checkpoint, seed=seed)
             except ImportError as exc:  # torchvision models without torchvision
@@ -261,6 +324,8 @@ def run_bench(
                             dense_t, fused_t, delta_t, err, agree = _time_all(
                                 model, fused.step, eng.step, stream[_WARMUP:])
                         s = eng.stats
+                        if device != "cpu" and label not in gpu_dense:
+                            gpu_dense[label] = gpu_dense_baselines(model, stream[_WARMUP:])
                         dense_ms = 1e3 * statistics.median(dense_t)
                         fused_ms = 1e3 * statistics.median(fused_t)
                         delta_ms = 1e3 * statistics.median(delta_t)
@@ -301,6 +366,14 @@ def run_bench(
                             "memory_ratio": s.memory_ratio,
                             "frames_timed": len(delta_t),
                         }  # fmt: skip
+                        if device != "cpu":
+                            base_ms = gpu_dense[label]
+                            row["dense_baselines_ms"] = base_ms
+                            for dname in ("float32", "bfloat16"):
+                                key = "fp32" if dname == "float32" else "bf16"
+                                best = min(v for k, v in base_ms.items() if k.startswith(dname))
+                                row[f"best_dense_{key}_ms"] = best
+                                row[f"speedup_vs_best_dense_{key}"] = best / delta_ms
                         rows.append(row)
                         if progress is not None:
                             progress(row)
@@ -310,6 +383,8 @@ def run_bench(
         "benchmark": "engine",
         "torch": torch.__version__,
         "device": device,
+        # cuDNN convs in float32 may use TF32 (torch's default); the engine's are IEEE float32
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device != "cpu" else None,
         "frames": frames,
         "rows": rows,
         "skipped": skipped,

@@ -261,10 +261,15 @@ def _cmd_bench(args) -> int:
     from .printing import print_bench
 
     def progress(row: dict) -> None:
+        best = ""
+        if "best_dense_bf16_ms" in row:  # a GPU: the fastest dense model per dtype
+            best = (f"; best dense fp32 {row['best_dense_fp32_ms']:.2f} ms "
+                    f"({row['speedup_vs_best_dense_fp32']:.2f}x), bf16 "
+                    f"{row['best_dense_bf16_ms']:.2f} ms ({row['speedup_vs_best_dense_bf16']:.2f}x)")
         print(
             f"  {row['model']} {row['height']}x{row['width']} threads={row['threads']} "
             f"density={row['density']:.1%}: fused dense {row['fused_dense_ms']:.1f} ms, delta "
-            f"{row['delta_ms']:.1f} ms ({row['speedup_vs_fused_dense']:.2f}x)", flush=True,
+            f"{row['delta_ms']:.1f} ms ({row['speedup_vs_fused_dense']:.2f}x){best}", flush=True,
         )  # fmt: skip
 
     result = run_bench(
@@ -272,6 +277,7 @@ def _cmd_bench(args) -> int:
         densities=args.densities, device=args.device, frames=args.frames, batch=args.batch,
         backend=args.backend, checkpoint=args.checkpoint, seed=args.seed, progress=progress,
     )  # fmt: skip
+    result["command"] = " ".join(["deltasparse", *sys.argv[1:]])
     write_json_atomic(result, args.out)
     print_bench(result)
     print(f"results written to {args.out}")
