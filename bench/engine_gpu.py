@@ -27,10 +27,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import graphed_model
 from torch import nn
 
 import deltasparse as ds
+from deltasparse.benchmark import cuda_graphed
 from deltasparse.engine import DeltaEngine
 
 RES = {"224": (224, 224), "360p": (360, 640), "720p": (720, 1280)}
@@ -111,23 +111,23 @@ def dense_baselines(model, gm, res, n) -> dict:
     fp32 = copy.deepcopy(model).to(dev).to(memory_format=torch.channels_last)
     with torch.no_grad():
         out["dense_fp32_eager_ms"] = med(time_steps(fp32, frames, n))
-        out["dense_fp32_graph_ms"] = med(time_steps(graphed_model(fp32, frames[0]), frames, n))
+        out["dense_fp32_graph_ms"] = med(time_steps(cuda_graphed(fp32, frames[0]), frames, n))
         try:
             from torch.fx.experimental.optimization import fuse
 
             folded = fuse(copy.deepcopy(fp32)).to(memory_format=torch.channels_last)
             out["dense_fp32_graph_bnfolded_ms"] = med(
-                time_steps(graphed_model(folded, frames[0]), frames, n)
+                time_steps(cuda_graphed(folded, frames[0]), frames, n)
             )
         except Exception as exc:  # noqa: BLE001 - a baseline variant, reported
             out["dense_fp32_graph_bnfolded_error"] = repr(exc)
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
         fb = [frames[0].to(torch.bfloat16)]
-        out["dense_bf16_graph_ms"] = med(time_steps(graphed_model(bf16, fb[0]), fb, n))
+        out["dense_bf16_graph_ms"] = med(time_steps(cuda_graphed(bf16, fb[0]), fb, n))
         try:
             q = copy.deepcopy(gm).to(dev).to(memory_format=torch.channels_last)
             out["dense_quantised_fp32_graph_ms"] = med(
-                time_steps(graphed_model(q, frames[0]), frames, n)
+                time_steps(cuda_graphed(q, frames[0]), frames, n)
             )
         except Exception as exc:  # noqa: BLE001
             out["dense_quantised_fp32_graph_error"] = repr(exc)

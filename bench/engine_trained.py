@@ -27,9 +27,8 @@ import torch
 from _common import cpu_model
 
 from deltasparse.checkpoint import load_model, write_json_atomic
+from deltasparse.engine.kernels import OP_KINDS
 from deltasparse.exploit import exploit, summary_line
-
-_KINDS = ("linear", "conv", "depthwise", "pool", "pointwise")  # the engine's crossover keys
 
 
 def main() -> int:
@@ -47,8 +46,9 @@ def main() -> int:
     crossover = {}
     for item in args.crossover:
         kind, _, val = item.partition("=")
-        if kind not in _KINDS:
-            ap.error(f"--crossover {item!r}: unknown op kind {kind!r}; one of {', '.join(_KINDS)}")
+        if kind not in OP_KINDS:
+            ap.error(f"--crossover {item!r}: unknown op kind {kind!r}; one of "
+                     f"{', '.join(OP_KINDS)}")
         try:
             crossover[kind] = float(val)
         except ValueError:

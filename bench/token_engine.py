@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import cpu_model, graphed_model
+from _common import cpu_model
 
 import deltasparse as ds
+from deltasparse.benchmark import cuda_graphed
 from deltasparse.data.streams import synthetic_stream
 
 
@@ -94,7 +95,7 @@ def run(resolution: int, batch: int, threads: int, fractions, frames: int, seed:
         clip = [f.to(dtype) for f in clip32]
         baselines = {"eager": dense}
         if dev.type == "cuda":
-            baselines["cuda_graph"] = graphed_model(dense, clip[0])
+            baselines["cuda_graph"] = cuda_graphed(dense, clip[0])
         engines = {}
         for f in fractions:
             cfg = ds.DeltaConfig(kind="token", policy="fraction", fraction=f)

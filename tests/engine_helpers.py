@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltasparse as ds
+from deltasparse.engine.kernels import OP_KINDS
 
 
 class AllOps(nn.Module):
@@ -153,7 +154,7 @@ def compare_rel(engine, rec: DenseRecorder, frame) -> tuple[float, int, int]:
     return (err / scale if scale > 0 else err), diff, total
 
 
-ALWAYS_SPARSE = {k: 1.0 for k in ("linear", "conv", "depthwise", "pool", "pointwise")}
+ALWAYS_SPARSE = dict.fromkeys(OP_KINDS, 1.0)
 
 
 class TinyResNet(nn.Module):

@@ -40,6 +40,7 @@ from torch import nn
 
 from .data.streams import synthetic_stream
 from .engine import DeltaEngine
+from .exploit import _ALL_DENSE, fused_dense
 
 __all__ = ["RESOLUTIONS", "build_bench_model", "cuda_graphed", "gpu_dense_baselines", "run_bench",
            "scale_thresholds"]
@@ -204,8 +205,6 @@ def gpu_dense_baselines(model: nn.Module, frames: Sequence[torch.Tensor]) -> dic
     ``{float32,bfloat16}_{nchw,channels_last}_{eager,graph}``: ``model`` without its sparsity
     layers and with batch norm folded (:func:`deltasparse.exploit.fused_dense`), cuDNN's
     autotuner on, timed with CUDA events over ``frames`` after a warm-up pass."""
-    from .exploit import fused_dense
-
     if not frames or frames[0].device.type != "cuda":
         raise ValueError("gpu_dense_baselines needs frames on a CUDA device")
     dense = fused_dense(model).to(frames[0].device)
@@ -244,9 +243,6 @@ def _time_all(dense, fused, delta, frames):
         err = max(err, float((yd - ye).abs().max()))
         agree += bool((yd.argmax(-1) == ye.argmax(-1)).all())
     return td, tf, te, err, agree / len(frames)
-
-
-_ALL_DENSE = {k: 0.0 for k in ("linear", "conv", "depthwise", "pool", "pointwise")}
 
 
 def run_bench(

@@ -55,8 +55,6 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-
-
 // v clamped to [lo, hi]; a NaN stays NaN (as torch.clamp).
 static inline float ds_clamp(float v, float lo, float hi) {
   v = v < lo ? lo : v;
