@@ -183,3 +183,102 @@ class TinyResNet(nn.Module):
         out += identity
         out = self.relu(out)
         return self.fc(torch.flatten(self.avgpool(out), 1))
+
+
+# -- today's CNN blocks (torchvision's MobileNet v3 / EfficientNet / ConvNeXt / RegNet, YOLO) --
+
+
+@torch.fx.wrap
+def stochastic_depth(input, p: float, mode: str, training: bool = True):
+    """torchvision.ops.stochastic_depth's signature (fx-wrapped as there): identity in eval."""
+    if not training or p == 0.0:
+        return input
+    keep = torch.rand(input.shape[0], 1, 1, 1) >= p
+    return input * keep / (1.0 - p)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision.models.convnext.LayerNorm2d: LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation: ``x * scale_act(fc2(act(fc1(avgpool(x)))))``."""
+
+    def __init__(self, c: int, squeeze: int, act=nn.ReLU, scale_act=nn.Sigmoid) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = act(), scale_act()
+
+    def forward(self, x):
+        s = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return s * x
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block: 7x7 depthwise, permute, LayerNorm, MLP with GELU, permute
+    back, layer scale (a parameter read by get_attr), stochastic depth, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.layer_scale = nn.Parameter(0.5 + torch.rand(c, 1, 1))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+        y = stochastic_depth(self.layer_scale * y, 0.1, "row", self.training)
+        return y + x
+
+
+class ModernOps(nn.Module):
+    """Every op added for today's CNNs in one fx-traceable per-frame model: the activations of
+    the registry, squeeze-excitation (Sigmoid and Hardsigmoid scales), a ConvNeXt stage
+    (LayerNorm2d, permute, channels-last Linear/LayerNorm, layer scale), nearest and bilinear
+    upsampling with concat (a YOLO-style neck), and a head with numbers and PReLU."""
+
+    def __init__(self, c_in: int = 3, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, 16, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.SiLU()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn_dw = nn.BatchNorm2d(16)
+        self.hs = nn.Hardswish()
+        self.se = SqueezeExcitation(16, 8, nn.SiLU, nn.Sigmoid)
+        self.se2 = SqueezeExcitation(16, 4, nn.ReLU, nn.Hardsigmoid)
+        self.down = nn.Sequential(LayerNorm2d(16, eps=1e-6), nn.Conv2d(16, 24, 2, stride=2))
+        self.block = CNBlock(24)
+        self.lat = nn.Conv2d(24, 16, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.mix = nn.Conv2d(16, 12, 1)
+        self.prelu = nn.PReLU(12)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.norm = LayerNorm2d(12)
+        self.fc = nn.Linear(12, 10)
+        self.fc2 = nn.Linear(10, classes)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.stem(x)))
+        x = self.se(self.hs(self.bn_dw(self.dw(x))))
+        x = self.se2(x)
+        p = x
+        y = self.block(self.down(x))
+        y = torch.tanh(self.lat(y))
+        y = torch.cat([self.up(y), p], dim=1)
+        y = self.leaky(self.fuse(y))
+        y = y + F.interpolate(F.max_pool2d(y, 2), scale_factor=2, mode="bilinear")
+        y = self.prelu(self.mix(F.elu(y)))
+        z = self.gap(y)
+        z = torch.flatten(self.norm(z), 1)
+        z = F.mish(self.fc(z)) * 0.5
+        return self.fc2(F.gelu(z, approximate="tanh"))

@@ -1,20 +1,19 @@
 """torch.fx helpers shared by conversion and measurement: tracing, activation sites, consumers.
 
 A *consumer* of an activation is the first MAC-performing module (``Conv1d/2d``, ``Linear``)
-reached from it through ops that keep activations sparse (batch norm, pooling, flatten,
-dropout, identity, residual add, concat). The *path* of ops on the way is kept so that a
+reached from it through ops that keep activations sparse (the op kinds of :mod:`._opset` that
+``walk``: pointwise activations, batch and layer norm, pooling, flatten, upsampling, dropout,
+identity, residual add, products, concat). The *path* of ops on the way is kept so that a
 binarised activation map can be replayed through it to count MACs exactly.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from ._opset import KINDS, activation_modules, classify
 from .layers import SparsityLayer
 
 __all__ = [
@@ -28,42 +27,6 @@ __all__ = [
 ]
 
 MAC_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_ELEMENTWISE_MODULES = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-)
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-)
-_ELEMENTWISE_FUNCS = {
-    operator.add,
-    operator.iadd,
-    torch.add,
-    F.relu,
-    torch.relu,
-    F.relu6,
-    F.hardtanh,
-    F.dropout,
-    torch.flatten,
-    torch.cat,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-}
-_PASS_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous", "mean", "add", "add_"}
 
 
 class FanOutError(ValueError):
@@ -137,15 +100,11 @@ def find_consumers(gm: fx.GraphModule, start: fx.Node) -> list[Consumer]:
                 if isinstance(mod, MAC_MODULES):
                     found.append(Consumer(str(user.target), mod, list(path), start))
                     continue
-                if isinstance(mod, _ELEMENTWISE_MODULES + _POOL_MODULES + (nn.Flatten,)):
+            if user.op in ("call_module", "call_function", "call_method"):
+                kind, _ = classify(user, modules, gm)
+                if KINDS[kind].walk:  # pointwise, pooling, reshapes, merges (_opset.KINDS)
                     walk(user, path + [user])
                     continue
-            elif user.op == "call_function" and user.target in _ELEMENTWISE_FUNCS:
-                walk(user, path + [user])
-                continue
-            elif user.op == "call_method" and user.target in _PASS_METHODS:
-                walk(user, path + [user])
-                continue
             raise FanOutError(
                 f"cannot trace the consumers of '{start.name}' through {_describe(user, modules)}"
             )
@@ -173,8 +132,8 @@ def fan_out_of(gm: fx.GraphModule, node: fx.Node) -> float:
 
 # activations a token engine applies row by row; with dropout, identity and LayerNorm, the ops
 # through which a gate's sent tokens stay the rows to recompute
-TOKEN_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
-                     nn.Sigmoid, nn.LeakyReLU, nn.Mish)  # fmt: skip
+# (PReLU's weights run along dim 1: the tokens of a (N, L, D) tensor, so not token-wise)
+TOKEN_ACTIVATIONS = tuple(m for m in activation_modules() if m is not nn.PReLU)
 _TOKENWISE_MODULES = TOKEN_ACTIVATIONS + (nn.Dropout, nn.Identity, nn.LayerNorm)
 
 

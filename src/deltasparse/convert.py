@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._graph import FanOutError, fan_out_of, feeds_tokens, find_consumers, token_fan_out, trace
+from ._opset import KINDS, classify
 from .layers import ActivationL1, DeltaActivation, SparsityLayer, TokenDelta, VideoModel
 
 __all__ = ["DeltaConfig", "convert", "revert"]
@@ -401,45 +402,34 @@ def _pair(v) -> tuple[int, int]:
     return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _window(node: fx.Node, modules: dict):
+def _window(node: fx.Node, modules: dict, gm: fx.GraphModule | None = None):
     """A consumer path op as a max-pooling window ``(k, stride, pad, dilation, ceil)``,
     ``"global"`` (the op mixes the whole map), ``None`` (keeps pixels) or ``False`` (unknown)."""
+    kind, params = classify(node, modules, gm)
+    if KINDS[kind].walk and KINDS[kind].pixels:
+        return None  # pointwise, norms, add, mul, cat, permute: a change stays on its pixel
+    if kind in ("adaptive", "adaptive_max"):
+        return "global" if _pair(params["output_size"]) == (1, 1) else False
+    if kind in ("gpool", "flatten", "reshape", "reduce"):
+        return "global"
+    if kind not in ("maxpool", "avgpool"):
+        return False  # upsampling, 1-d pooling: no window of this form
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            st = m.stride if m.stride not in (None, [], ()) else m.kernel_size
-            dil = getattr(m, "dilation", 1)
-            return (_pair(m.kernel_size), _pair(st), _pair(m.padding), _pair(dil), bool(m.ceil_mode))
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return "global" if _pair(m.output_size) == (1, 1) else False
-        if isinstance(m, nn.Flatten):
-            return "global"
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.Dropout, nn.Dropout2d, nn.Identity,
-                          nn.ReLU, nn.ReLU6, nn.Hardtanh)):  # fmt: skip
-            return None
-        return False
+        st = m.stride if m.stride not in (None, [], ()) else m.kernel_size
+        dil = getattr(m, "dilation", 1)
+        return (_pair(m.kernel_size), _pair(st), _pair(m.padding), _pair(dil), bool(m.ceil_mode))
+    # max_pool2d(x, k, stride, padding, dilation, ceil_mode, ...);
+    # avg_pool2d(x, k, stride, padding, ceil_mode, ...): no dilation
     t = node.target
-    if node.op == "call_function":
-        if t in (F.max_pool2d, F.avg_pool2d):
-            # max_pool2d(x, k, stride, padding, dilation, ceil_mode, ...);
-            # avg_pool2d(x, k, stride, padding, ceil_mode, ...): no dilation
-            names = ["kernel_size", "stride", "padding"] + (
-                ["dilation", "ceil_mode"] if t is F.max_pool2d else ["ceil_mode"])
-            a = dict(zip(names, node.args[1:], strict=False))
-            a.update({n: node.kwargs[n] for n in names if n in node.kwargs})
-            k = a["kernel_size"]
-            st = a.get("stride") or k
-            return (_pair(k), _pair(st), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)),
-                    bool(a.get("ceil_mode", False)))  # fmt: skip
-        if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-            return "global" if _pair(size) == (1, 1) else False
-        if t is torch.flatten:
-            return "global"
-        return None  # relu, add, cat, dropout: pixels stay where they are
-    if t in ("view", "reshape", "flatten", "mean"):
-        return "global"
-    return None
+    names = ["kernel_size", "stride", "padding"] + (
+        ["dilation", "ceil_mode"] if t is F.max_pool2d else ["ceil_mode"])
+    a = dict(zip(names, node.args[1:], strict=False))
+    a.update({n: node.kwargs[n] for n in names if n in node.kwargs})
+    k = a["kernel_size"]
+    st = a.get("stride") or k
+    return (_pair(k), _pair(st), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)),
+            bool(a.get("ceil_mode", False)))  # fmt: skip
 
 
 def _spread(gm: fx.GraphModule, node: fx.Node) -> list[dict] | None:
@@ -454,7 +444,7 @@ def _spread(gm: fx.GraphModule, node: fx.Node) -> list[dict] | None:
     for c in consumers:
         wins = []
         for n in c.path:
-            w = _window(n, modules)
+            w = _window(n, modules, gm)
             if w is False:
                 log.info("convert(): no receptive-field loss for '%s' (path op %s)", node.name,
                          n.name)

@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .._opset import ACTIVATION_BY_NAME
 from .kernels import Backend, ConvSpec, LinearSpec, PoolSpec
 from .kernels.geometry import reached_samples
-from .plan import ChainOp
+from .plan import ChainOp, UnsupportedOpError
 
 __all__ = ["InputGateOp", "OpStats", "RuntimeOp", "Value"]
 
@@ -43,9 +45,14 @@ class Value:
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], device, dtype,
-                 state: _State | None = None) -> None:  # fmt: skip
+                 state: _State | None = None, layout: str = "nchw") -> None:  # fmt: skip
         self.name = name
         self.shape = tuple(int(s) for s in shape)  # (B, C, H, W) or (B, F)
+        # "nhwc": the model's tensor is this map permuted to (B, H, W, C) (the same rows; as
+        # after ConvNeXt's permute, where a Linear and a LayerNorm act on the channels)
+        if layout not in ("nchw", "nhwc") or (layout == "nhwc" and len(self.shape) != 4):
+            raise ValueError(f"engine value layout {layout!r} for shape {self.shape}")
+        self.layout = layout
         if len(self.shape) == 4:
             b, c, h, w = self.shape
         elif len(self.shape) == 2:
@@ -70,8 +77,16 @@ class Value:
     def changed(self, v: torch.Tensor | None) -> None:
         self.state.changed = v
 
-    def alias(self, name: str, shape: tuple[int, ...]) -> Value:
-        return Value(name, shape, None, None, state=self.state)
+    def alias(self, name: str, shape: tuple[int, ...], layout: str = "nchw") -> Value:
+        return Value(name, shape, None, None, state=self.state, layout=layout)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape of the model's tensor: ``(B, H, W, C)`` for an ``nhwc`` value."""
+        if self.layout == "nhwc":
+            b, c, h, w = self.shape
+            return (b, h, w, c)
+        return self.shape
 
     @property
     def spatial(self) -> bool:
@@ -85,11 +100,13 @@ class Value:
         return self.rows * self.channels * self.buf.element_size()
 
     def as_tensor(self) -> torch.Tensor:
-        """A fresh tensor in the model's layout (NCHW or (B, F))."""
+        """A fresh tensor in the model's layout (NCHW, NHWC or (B, F))."""
         x = self.buf[: self.rows]
         if not self.spatial:
             return x.clone()
         b, c, h, w = self.shape
+        if self.layout == "nhwc":
+            return x.reshape(b, h, w, c).clone()
         return x.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
@@ -147,13 +164,18 @@ def _empty_rows(device=None) -> torch.Tensor:
 
 
 class Chain:
-    """The fused pointwise ops of one runtime op, applied in place to computed rows."""
+    """The fused pointwise ops of one runtime op, applied in place to computed rows.
 
-    def __init__(self, ops: list[ChainOp], out_shape: tuple[int, ...], device, dtype) -> None:
+    ``layout`` is the layout of the op's value (``"nhwc"``: the model's tensor is channels-last,
+    so a gate's "channels" are its dim 1, the map's rows)."""
+
+    def __init__(self, ops: list[ChainOp], out_shape: tuple[int, ...], device, dtype,
+                 layout: str = "nchw") -> None:  # fmt: skip
         self.steps: list[tuple] = []
         spatial = len(out_shape) == 4
         hw = out_shape[2] * out_shape[3] if spatial else 1
         self.hw = hw
+        channels = out_shape[1]
         for op in ops:
             if op.kind == "clamp":
                 self.steps.append(("clamp", op.params["lo"], op.params["hi"]))
@@ -161,6 +183,22 @@ class Chain:
                 bn = op.params["bn"]
                 alpha, beta = _bn_affine(bn, out_shape[1], device, dtype)
                 self.steps.append(("affine", alpha, beta))
+            elif op.kind == "affine":
+                alpha = _channel_vector(op.params["scale"], out_shape, layout, op.name)
+                alpha = alpha.to(device=device, dtype=dtype)
+                self.steps.append(("affine", alpha, torch.zeros_like(alpha)))
+            elif op.kind == "act":
+                p = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+                     for k, v in op.params.items() if k != "act"}  # fmt: skip
+                w = p.get("weight")
+                if w is not None and w.numel() not in (1, channels):
+                    raise UnsupportedOpError(
+                        f"DeltaEngine: {op.params['act']} '{op.name}' has {w.numel()} weights "
+                        f"for {channels} channels"
+                    )
+                self.steps.append(("act", ACTIVATION_BY_NAME[op.params["act"]].apply, p))
+            elif op.kind == "layernorm":
+                self.steps.append(_layernorm_step(op, out_shape, layout, device, dtype))
             elif op.kind == "quant":
                 layer = op.params["layer"]
                 if layer.activation == "relu":
@@ -169,7 +207,19 @@ class Chain:
                     self.steps.append(("clamp", 0.0, 6.0))
                 thr = layer.threshold.detach().to(device=device, dtype=torch.float32)
                 per_row = False
-                if thr.dim() > 1:  # neuron granularity on a (C, H, W) map -> (H*W, C)
+                if layout == "nhwc":
+                    if layer.gate == "pixel":
+                        raise UnsupportedOpError(
+                            f"DeltaEngine: a pixel gate '{op.name}' on a channels-last tensor "
+                            "gates the model's dim 1 (H), not the map's pixels; use "
+                            "gate='scalar' there"
+                        )
+                    if thr.dim():  # the model's dim 1 is H: a step per (y, x, c) row entry
+                        _, c, h, w = out_shape
+                        full = thr.reshape(*thr.shape, *([1] * (3 - thr.dim())))
+                        thr = full.expand(h, w, c).reshape(h * w, c).contiguous()
+                        per_row = True
+                elif thr.dim() > 1:  # neuron granularity on a (C, H, W) map -> (H*W, C)
                     thr = thr.reshape(thr.shape[0], -1).t().contiguous()
                     per_row = True
                 if layer.mode == "hysteresis":
@@ -226,6 +276,10 @@ class Chain:
                 z.clamp_(step[1], step[2])
             elif step[0] == "affine":
                 z.mul_(step[1]).add_(step[2])
+            elif step[0] == "act":
+                z.copy_(step[1](z, step[2]))
+            elif step[0] == "ln":
+                z.copy_(F.layer_norm(z, (z.shape[1],), step[1], step[2], step[3]))
             elif step[0] == "quant":
                 thr = step[1]
                 if step[2]:
@@ -248,6 +302,44 @@ class Chain:
                 if step[3]:
                     send = send.any(1, keepdim=True)
                 torch.where(send, z, old, out=z)
+
+
+def _channel_vector(t: torch.Tensor, shape: tuple[int, ...], layout: str, name: str):
+    """A constant that multiplies a map, as one factor per channel of its rows (``(1,)`` for a
+    number); anything that varies along other dims is refused."""
+    c = shape[1]
+    if t.numel() == 1:
+        return t.reshape(1).float()
+    # the broadcast shape of a per-channel constant in the model's layout
+    per_channel = (c, 1, 1) if len(shape) == 4 and layout == "nchw" else (c,)
+    dims = tuple(t.shape)
+    while len(dims) > len(per_channel) and dims[0] == 1:
+        dims = dims[1:]
+    if dims != per_channel:
+        raise UnsupportedOpError(
+            f"DeltaEngine: '{name}' multiplies by a constant of shape {tuple(t.shape)}; only "
+            f"numbers and per-channel constants {per_channel} are supported"
+        )
+    return t.reshape(c)
+
+
+def _layernorm_step(op: ChainOp, shape: tuple[int, ...], layout: str, device, dtype) -> tuple:
+    """``("ln", weight, bias, eps)``: LayerNorm over the channels of each row."""
+    p, c = op.params, shape[1]
+    over_channels = (p["axis"] == "channels" and len(shape) == 4 and layout == "nchw") or (
+        p["axis"] == "last" and (layout == "nhwc" or len(shape) == 2))
+    if not over_channels or tuple(p["shape"]) != (c,):
+        what = "the channels (dim 1)" if p["axis"] == "channels" else "the last dim"
+        raise UnsupportedOpError(
+            f"DeltaEngine: LayerNorm '{op.name}' over {what} of {tuple(p['shape'])} on a "
+            f"{layout} map of shape {shape}: only a LayerNorm over the channels of each pixel "
+            "(LayerNorm2d on NCHW, nn.LayerNorm on NHWC or (B, F)) is supported"
+        )
+
+    def t(v):
+        return None if v is None else v.to(device=device, dtype=dtype)
+
+    return ("ln", t(p["weight"]), t(p["bias"]), p["eps"])
 
 
 def _bn_affine(bn, channels: int, device, dtype):
@@ -536,6 +628,76 @@ class AddOp(RuntimeOp):
             p = self.out.rows
             return a[:p] + b[:p]
         return a.index_select(0, rows) + b.index_select(0, rows)
+
+
+class MulOp(RuntimeOp):
+    """The elementwise product of two maps of the same shape, or of a map ``(B, C, H, W)`` and a
+    per-sample scale ``(B, C, 1, 1)`` (squeeze-excitation: ``x * sigmoid(mlp(mean(x)))``).
+
+    A scale row is a whole sample: when the scale of sample ``b`` changed (in any channel, as
+    it does when any pixel of ``b`` changed and no gate holds the scale), every row of ``b`` is
+    recomputed, and counted so (no MACs, but the next op sees those rows change)."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        x, y = self.inputs
+        # the operand that is one row per sample (None: both are maps of the same shape)
+        self.scale = None if x.rows == y.rows else (0 if x.rows < y.rows else 1)
+        self.hw = self.out.rows // self.out.batch
+
+    def select(self):
+        parts = []
+        for i, v in enumerate(self.inputs):
+            ch = v.changed
+            if i == self.scale and ch.numel():
+                ch = (ch[:, None] * self.hw + torch.arange(self.hw, device=ch.device)).reshape(-1)
+            parts.append(ch)
+        return _union(parts, self.out.rows)
+
+    def compute(self, rows):
+        if self.scale is None:
+            a, b = (v.buf for v in self.inputs)
+            if rows is None:
+                p = self.out.rows
+                return a[:p] * b[:p]
+            return a.index_select(0, rows) * b.index_select(0, rows)
+        s = self.inputs[self.scale].buf
+        m = self.inputs[1 - self.scale].buf
+        if rows is None:
+            p, c = self.out.rows, m.shape[1]
+            return (m[:p].view(-1, self.hw, c) * s[: self.out.batch, None]).view(p, c)
+        return m.index_select(0, rows) * s.index_select(0, rows // self.hw)
+
+
+class UpsampleOp(RuntimeOp):
+    """Nearest or bilinear upsampling: output row ``r`` is ``sum_k w[r, k] * x[idx[r, k]]``
+    over its ``K`` source rows (1 or 4, ``geometry.upsample_sources``); the rows recomputed are
+    those with a changed source."""
+
+    kernel = "pool"
+
+    def __init__(self, *a, idx: torch.Tensor, weight: torch.Tensor | None, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.idx, self.weight = idx, weight  # weight None: nearest (a copy)
+
+    def select(self):
+        x = self.inputs[0]
+        mask = torch.zeros(x.rows, dtype=torch.bool, device=x.buf.device)
+        mask[x.changed] = True
+        hit = mask.index_select(0, self.idx.view(-1)).view(self.idx.shape).any(1)
+        return hit.nonzero().squeeze(1)
+
+    def compute(self, rows):
+        x = self.inputs[0].buf
+        idx = self.idx if rows is None else self.idx.index_select(0, rows)
+        g = x.index_select(0, idx.view(-1)).view(idx.shape[0], idx.shape[1], x.shape[1])
+        if self.weight is None:
+            return g[:, 0]
+        w = self.weight if rows is None else self.weight.index_select(0, rows)
+        z = g[:, 0] * w[:, :1]
+        for k in range(1, idx.shape[1]):  # the same order on every path: history independent
+            z += g[:, k] * w[:, k : k + 1]
+        return z
 
 
 class CatOp(RuntimeOp):

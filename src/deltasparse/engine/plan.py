@@ -14,20 +14,23 @@ its inputs changed, and the stats list it as a dense fallback.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
+
+from .._opset import ACTIVATIONS, KINDS, classify, tensor_args
 
 __all__ = ["ChainOp", "PlanOp", "UnsupportedOpError", "build_plan", "trace_model"]
 
 SUPPORTED = (
     "Conv2d (any kernel/stride/padding/dilation/groups, zero padding), Linear, BatchNorm1d/2d, "
-    "ReLU/ReLU6/Hardtanh/clamp, Identity, Dropout, DeltaActivation, ActivationL1, "
-    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, add, cat(dim=1), mean over (H, W)"
+    "ReLU/ReLU6/Hardtanh/clamp, " + "/".join(a.name for a in ACTIVATIONS) + ", "
+    "LayerNorm over channels (LayerNorm2d, or nn.LayerNorm after a permute to channels-last), "
+    "Identity, Dropout, stochastic depth (eval), DeltaActivation, ActivationL1, MaxPool2d, "
+    "AvgPool2d, AdaptiveAvgPool2d, Flatten, add, mul (maps, squeeze-excitation scales, "
+    "numbers, per-channel parameters), cat(dim=1), permute (NCHW <-> NHWC), upsampling "
+    "(nearest, bilinear), mean over (H, W)"
 )
 
 
@@ -61,15 +64,9 @@ class PlanOp:
         return self.qualname or self.node.name
 
 
-def _sparsity_classes():
-    from ..layers import ActivationL1, DeltaActivation, SparsityLayer
-
-    return DeltaActivation, ActivationL1, SparsityLayer
-
-
 def _sparsity_tracer() -> type[fx.Tracer]:
     """An fx tracer keeping the sparsity layers as leaves (made late: no import cycle)."""
-    _, _, sparsity_layer = _sparsity_classes()
+    from ..layers import SparsityLayer as sparsity_layer
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -125,111 +122,26 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} '{target}' at node '{node.name}'"
 
 
-_RELU_FUNCS = {F.relu, torch.relu}
-_ALIAS_METHODS = {"contiguous"}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_CONST_READERS = ("affine", "layernorm")  # kinds that take get_attr parameters
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, dict]:
-    """``(role, params)``; role is 'alias', 'chain:<kind>', an anchor kind, or 'unsupported'."""
-    delta_cls, l1_cls, _ = _sparsity_classes()
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, delta_cls):
-            return "chain:quant", {"layer": m}
-        if isinstance(m, (l1_cls, nn.Identity, nn.Dropout, nn.Dropout2d)):
-            return "alias", {}
-        if isinstance(m, nn.Conv2d):
-            return "conv", {}
-        if isinstance(m, nn.Linear):
-            return "linear", {}
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            return "chain:bn", {"bn": m}
-        if isinstance(m, nn.ReLU):
-            return "chain:clamp", {"lo": 0.0, "hi": None}
-        if isinstance(m, nn.ReLU6):
-            return "chain:clamp", {"lo": 0.0, "hi": 6.0}
-        if isinstance(m, nn.Hardtanh):
-            return "chain:clamp", {"lo": float(m.min_val), "hi": float(m.max_val)}
-        if isinstance(m, nn.MaxPool2d):
-            return "maxpool", {}
-        if isinstance(m, nn.AvgPool2d):
-            return "avgpool", {}
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            return "adaptive", {"output_size": m.output_size}
-        if isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                return "unsupported", {"why": "only Flatten(start_dim=1, end_dim=-1)"}
-            return "flatten", {}
-        return "unsupported", {}
-    if node.op == "call_function":
-        f = node.target
-        if f in _RELU_FUNCS:
-            return "chain:clamp", {"lo": 0.0, "hi": None}
-        if f is F.relu6:
-            return "chain:clamp", {"lo": 0.0, "hi": 6.0}
-        if f is F.hardtanh:
-            lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
-            return "chain:clamp", {"lo": float(lo), "hi": float(hi)}
-        if f is torch.clamp:
-            lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
-            if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
-                return "unsupported", {"why": "clamp bounds must be numbers"}
-            return "chain:clamp", {"lo": lo, "hi": hi}
-        if f is F.dropout:
-            return "alias", {}
-        if f in _ADD_FUNCS:
-            if f is torch.add and _arg(node, 2, "alpha", 1) != 1:
-                return "unsupported", {"why": "add with alpha != 1"}
-            return "add", {}
-        if f is torch.cat:
-            return "cat", {"dim": _arg(node, 1, "dim", 0)}
-        if f is torch.flatten:
-            if _arg(node, 1, "start_dim", 0) != 1 or _arg(node, 2, "end_dim", -1) != -1:
-                return "unsupported", {"why": "only torch.flatten(x, 1)"}
-            return "flatten", {}
-        if f is F.max_pool2d:
-            return "maxpool", {}
-        if f is F.avg_pool2d:
-            return "avgpool", {}
-        if f is F.adaptive_avg_pool2d:
-            return "adaptive", {"output_size": _arg(node, 1, "output_size")}
-        return "unsupported", {}
-    if node.op == "call_method":
-        t = node.target
-        if t in ("relu", "relu_"):
-            return "chain:clamp", {"lo": 0.0, "hi": None}
-        if t in ("clamp", "clamp_"):
-            lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
-            if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
-                return "unsupported", {"why": "clamp bounds must be numbers"}
-            return "chain:clamp", {"lo": lo, "hi": hi}
-        if t in _ALIAS_METHODS:
-            return "alias", {}
-        if t in ("add", "add_"):
-            if _arg(node, 2, "alpha", 1) != 1:
-                return "unsupported", {"why": "add with alpha != 1"}
-            return "add", {}
-        if t == "flatten":
-            if _arg(node, 1, "start_dim", 0) != 1 or _arg(node, 2, "end_dim", -1) != -1:
-                return "unsupported", {"why": "only x.flatten(1)"}
-            return "flatten", {}
-        if t == "mean":
-            dims = _arg(node, 1, "dim")
-            dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-            if sorted(d % 4 for d in dims if isinstance(d, int)) == [2, 3] and len(dims) == 2:
-                return "gpool", {"keepdim": bool(_arg(node, 2, "keepdim", False))}
-            return "unsupported", {"why": "only mean over the spatial dims (2, 3)"}
-        return "unsupported", {}
-    return "unsupported", {}
+def _classify(node: fx.Node, modules: dict[str, nn.Module],
+              gm: fx.GraphModule | None = None) -> tuple[str, dict]:  # fmt: skip
+    """``(role, params)``; role is 'alias', 'chain:<kind>', an anchor kind, or 'unsupported'
+    (the op kinds of :mod:`deltasparse._opset`)."""
+    kind, params = classify(node, modules, gm)
+    if any(a.op == "get_attr" for a in node.all_input_nodes) and kind not in _CONST_READERS:
+        return "unsupported", {"why": "tensor constants (get_attr) are only supported as a "
+                                      "layer scale (mul) or LayerNorm weights"}
+    role = KINDS[kind].engine
+    if role == "chain":
+        return f"chain:{kind}", params
+    if role in ("alias", "anchor"):
+        return (role if role == "alias" else kind), params
+    return "unsupported", params
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    for a in node.all_input_nodes:
-        if a not in out:
-            out.append(a)
-    return out
+_tensor_inputs = tensor_args
 
 
 def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[PlanOp], dict]:
@@ -243,9 +155,9 @@ def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[Pla
         if n.op in ("placeholder", "output"):
             roles[n] = (n.op, {})
         elif n.op == "get_attr":
-            roles[n] = ("unsupported", {"why": "tensor constants (get_attr) are not supported"})
+            roles[n] = ("const", {})  # read by the op that takes it (checked there)
         else:
-            roles[n] = _classify(n, modules)
+            roles[n] = _classify(n, modules, gm)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedOpError(
@@ -266,6 +178,8 @@ def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[Pla
         if n in absorbed:
             continue
         role, params = roles[n]
+        if role == "const":
+            continue
         if role == "output":
             out = n.args[0]
             if not isinstance(out, fx.Node):

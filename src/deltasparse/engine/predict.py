@@ -26,10 +26,12 @@ from .stats import EngineStats
 __all__ = ["ExecutedPredictor", "Recorder", "changed_rows"]
 
 
-def changed_rows(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """Engine rows (``b*H*W + y*W + x``, or ``b`` for ``(B, F)``) where any channel differs."""
+def changed_rows(cur: torch.Tensor, prev: torch.Tensor, layout: str = "nchw") -> torch.Tensor:
+    """Engine rows (``b*H*W + y*W + x``, or ``b`` for ``(B, F)``) where any channel differs
+    (``layout="nhwc"``: the tensors are channels-last ``(B, H, W, C)``)."""
     ne = cur != prev
-    ne = ne.any(dim=1) if ne.dim() > 1 else ne
+    if ne.dim() > 1:
+        ne = ne.any(dim=-1 if layout == "nhwc" else 1)
     return ne.reshape(-1).nonzero().squeeze(1)
 
 
@@ -102,7 +104,8 @@ class ExecutedPredictor:
             raise KeyError(f"ExecutedPredictor.step: no dense output for {sorted(missing)}")
         changes = None
         if self._prev is not None:
-            changes = {n: changed_rows(outputs[n], self._prev[n]) for n in self.node_names}
+            changes = {name: changed_rows(outputs[name], self._prev[name], v.layout)
+                       for name, v in self._values}  # fmt: skip
         self.step_changes(changes)
         self._prev = {name: outputs[name] for name, _ in self._values}
 

@@ -6,7 +6,7 @@ import torch
 from torch import fx, nn
 
 from .kernels import Backend, ConvSpec, GeometryCache, LinearSpec, PoolSpec, WindowGeom
-from .kernels.geometry import out_size
+from .kernels.geometry import out_size, upsample_size, upsample_sources
 from .ops import (
     AddOp,
     CatOp,
@@ -16,10 +16,12 @@ from .ops import (
     InputGateOp,
     InputOp,
     LinearOp,
+    MulOp,
     PointwiseOp,
     PoolOp,
     RuntimeOp,
     SampleOp,
+    UpsampleOp,
     Value,
 )
 from .plan import PlanOp, UnsupportedOpError, _arg, _pair
@@ -133,6 +135,35 @@ def _avg_divisor(h, w, ho, wo, a, batch, device) -> torch.Tensor:
     return d.reshape(1, ho * wo).expand(batch, -1).reshape(-1, 1).contiguous()
 
 
+def _mul_shape(name: str, ins: list) -> tuple[int, ...]:
+    """The product's shape: both maps of one shape, or a map and a per-sample scale (a
+    ``(B, C, 1, 1)`` or ``(B, C)`` value with the map's channels)."""
+    a, b = ins
+    if a.shape == b.shape:
+        return a.shape
+    m, s = (a, b) if a.rows >= b.rows else (b, a)
+    if (m.spatial and s.spatial and m.layout == s.layout == "nchw" and s.hw == (1, 1)
+            and (s.batch, s.channels) == (m.batch, m.channels)):  # fmt: skip
+        return m.shape
+    raise UnsupportedOpError(
+        f"DeltaEngine: mul '{name}' of shapes {[v.model_shape for v in ins]}: only two maps of "
+        "the same shape, or a map (B, C, H, W) and a per-sample scale (B, C, 1, 1)"
+    )
+
+
+def _permuted(name: str, x, dims: tuple) -> str:
+    """The layout after a permute: NCHW <-> NHWC of a 4-d map, nothing else."""
+    dims = tuple(int(d) % 4 for d in dims) if x.spatial else dims
+    if x.spatial and x.layout == "nchw" and dims == (0, 2, 3, 1):
+        return "nhwc"
+    if x.spatial and x.layout == "nhwc" and dims == (0, 3, 1, 2):
+        return "nchw"
+    raise UnsupportedOpError(
+        f"DeltaEngine: permute '{name}' by {dims} of {x.model_shape}: only NCHW -> NHWC "
+        "(0, 2, 3, 1) and back (0, 3, 1, 2)"
+    )
+
+
 def _fallback_fn(node: fx.Node, modules: dict, pos: dict):
     def fn(tensors):
         env = {n: tensors[i] for n, i in pos.items()}
@@ -195,10 +226,10 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
         kw = dict(backend=backend, crossover=crossover)
         if op.kind == "conv":
             m = op.module
-            if not x.spatial or x.channels != m.in_channels:
+            if not x.spatial or x.channels != m.in_channels or x.layout != "nchw":
                 raise UnsupportedOpError(
                     f"DeltaEngine: Conv2d '{name}' expects (B, {m.in_channels}, H, W), got "
-                    f"{x.shape}"
+                    f"{x.model_shape}"
                 )
             w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
             bn = _take_bn(chain_ops, nn.BatchNorm2d)
@@ -225,10 +256,12 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
                 rop = ConvOp(name, kind, [x], out, chain, spec=spec, **kw)
         elif op.kind == "linear":
             m = op.module
-            if x.spatial or x.channels != m.in_features:
+            rowwise = x.layout == "nhwc" or not x.spatial  # a Linear on the last dim: per row
+            if not rowwise or x.channels != m.in_features:
                 raise UnsupportedOpError(
-                    f"DeltaEngine: Linear '{name}' expects (B, {m.in_features}) input, got "
-                    f"{x.shape}; flatten the feature map first"
+                    f"DeltaEngine: Linear '{name}' expects (B, {m.in_features}) or channels-last "
+                    f"(B, H, W, {m.in_features}) input, got {x.model_shape}; flatten the feature "
+                    "map first (or permute it to channels-last)"
                 )
             w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
             bn = _take_bn(chain_ops, nn.BatchNorm1d)
@@ -237,13 +270,14 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
             w = w.to(device, dtype)
             spec = LinearSpec(w.t().contiguous(), None if b is None else b.to(device, dtype))
             backend.prepare(spec)
-            out_shape = (bsz, m.out_features)
-            out = Value(op.out.name, out_shape, device, dtype)
-            chain = Chain(chain_ops, out_shape, device, dtype)
+            out_shape = (bsz, m.out_features, *x.shape[2:])
+            out = Value(op.out.name, out_shape, device, dtype, layout=x.layout)
+            chain = Chain(chain_ops, out_shape, device, dtype, x.layout)
             rop = LinearOp(name, "linear", [x], out, chain, spec=spec, **kw)
         elif op.kind in ("maxpool", "avgpool", "adaptive", "gpool"):
-            if not x.spatial:
-                raise UnsupportedOpError(f"DeltaEngine: pooling '{name}' needs (B, C, H, W)")
+            if not x.spatial or x.layout != "nchw":
+                raise UnsupportedOpError(
+                    f"DeltaEngine: pooling '{name}' needs (B, C, H, W), got {x.model_shape}")
             (h, wd), c = x.hw, x.channels
             kind = op.kind
             if kind == "adaptive":
@@ -285,6 +319,9 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
                 chain = Chain(chain_ops, out_shape, device, dtype)
                 rop = PoolOp(name, f"{mode}pool", [x], out, chain, spec=spec, **kw)
         elif op.kind == "flatten":
+            if x.layout != "nchw":
+                raise UnsupportedOpError(
+                    f"DeltaEngine: flatten '{name}' of a channels-last map {x.model_shape}")
             out_shape = (bsz, x.channels * x.hw[0] * x.hw[1])
             if not x.spatial or x.hw == (1, 1):
                 if not chain_ops:  # a pure reshape of the same rows
@@ -297,30 +334,68 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
                 out = Value(op.out.name, out_shape, device, dtype)
                 chain = Chain(chain_ops, out_shape, device, dtype)
                 rop = SampleOp(name, "flatten", [x], out, chain, mode="flatten", **kw)
-        elif op.kind in ("add", "cat", "pointwise"):
+        elif op.kind in ("add", "mul", "cat", "pointwise", "permute"):
+            layout = x.layout
+            if op.kind in ("add", "mul") and (
+                    len(ins) != 2 or ins[0].layout != ins[1].layout):  # fmt: skip
+                raise UnsupportedOpError(
+                    f"DeltaEngine: {op.kind} '{name}' needs two tensors, got "
+                    f"{[v.model_shape for v in ins]}"
+                )
             if op.kind == "add":
-                if len(ins) != 2 or ins[0].shape != ins[1].shape:
+                if ins[0].shape != ins[1].shape:
                     raise UnsupportedOpError(
                         f"DeltaEngine: add '{name}' needs two tensors of the same shape, got "
-                        f"{[v.shape for v in ins]} (scalars and broadcasting are not supported)"
+                        f"{[v.model_shape for v in ins]} (scalars and broadcasting are not "
+                        "supported)"
                     )
                 out_shape, cls = ins[0].shape, AddOp
+            elif op.kind == "mul":
+                out_shape, cls = _mul_shape(name, ins), MulOp
             elif op.kind == "cat":
                 dim = op.params["dim"] % len(x.shape)
-                same = all(v.shape[:1] + v.shape[2:] == x.shape[:1] + x.shape[2:] for v in ins)
-                if dim != 1 or not same:
+                channel_dim = 3 if layout == "nhwc" else 1
+                same = all(v.shape[:1] + v.shape[2:] == x.shape[:1] + x.shape[2:]
+                           and v.layout == layout for v in ins)  # fmt: skip
+                if dim != channel_dim or not same:
                     raise UnsupportedOpError(
-                        f"DeltaEngine: cat '{name}' only along channels (dim=1), got dim "
-                        f"{op.params['dim']} with shapes {[v.shape for v in ins]}"
+                        f"DeltaEngine: cat '{name}' only along channels (dim={channel_dim}), got "
+                        f"dim {op.params['dim']} with shapes {[v.model_shape for v in ins]}"
                     )
                 out_shape = (bsz, sum(v.channels for v in ins), *x.shape[2:])
                 cls = CatOp
+            elif op.kind == "permute":
+                layout = _permuted(name, x, op.params["dims"])
+                if not chain_ops:  # the same rows, read in the other layout
+                    values[op.out] = x.alias(op.out.name, x.shape, layout)
+                    continue
+                out_shape, cls = x.shape, PointwiseOp
             else:
                 out_shape, cls = x.shape, PointwiseOp
+            out = Value(op.out.name, out_shape, device, dtype, layout=layout)
+            chain = Chain(chain_ops, out_shape, device, dtype, layout)
+            rop = cls(name, op.kind, ins, out, chain, **kw)
+        elif op.kind == "upsample":
+            if not x.spatial or x.layout != "nchw":
+                raise UnsupportedOpError(
+                    f"DeltaEngine: upsampling '{name}' needs (B, C, H, W), got {x.model_shape}")
+            p = op.params
+            scales = None if p["size"] is not None or p["recompute"] else p["scale"]
+            ohw = upsample_size(x.hw, p["size"], p["scale"])
+            idx, wt = upsample_sources(bsz, x.hw, ohw, p["mode"], p["align_corners"], scales,
+                                       dtype)  # fmt: skip
+            out_shape = (bsz, x.channels, *ohw)
             out = Value(op.out.name, out_shape, device, dtype)
             chain = Chain(chain_ops, out_shape, device, dtype)
-            rop = cls(name, op.kind, ins, out, chain, **kw)
+            weight = None if wt.shape[1] == 1 else wt.to(device, dtype)
+            rop = UpsampleOp(name, "upsample", [x], out, chain, idx=idx.to(device),
+                             weight=weight, **kw)  # fmt: skip
         elif op.kind == "fallback":
+            if any(v.layout != "nchw" for v in ins):
+                raise UnsupportedOpError(
+                    f"DeltaEngine: no dense fallback for '{name}' on a channels-last tensor "
+                    f"{[v.model_shape for v in ins]} (only NCHW and (B, F) tensors)"
+                )
             pos = {n: i for i, n in enumerate(op.inputs)}
             fn = _fallback_fn(op.node, modules, pos)
             with torch.no_grad():

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._graph import Consumer
+from .._opset import classify
+from ..engine.kernels.geometry import upsample_sources
 
 __all__ = ["consumer_macs", "replay_path"]
 
@@ -29,8 +31,32 @@ def _arg(node: fx.Node, i: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
+def _replay_new_kinds(node: fx.Node, x: torch.Tensor, modules: dict, n: int):
+    """Products, permutes, layer norms and upsampling (None: another kind)."""
+    kind, p = classify(node, modules)
+    if kind == "mul":  # a per-sample scale reaches every pixel of its sample
+        return x.expand(_meta_shape(node, n))
+    if kind == "permute":
+        return x.permute(*p["dims"])
+    if kind == "layernorm":  # one changed channel changes every channel of its pixel
+        dim = 1 if p["axis"] == "channels" else -1
+        return x.amax(dim, keepdim=True).expand_as(x)
+    if kind == "upsample":
+        b, c, h, w = x.shape
+        ho, wo = _meta_shape(node, n)[2:]
+        scales = None if p["size"] is not None or p["recompute"] else p["scale"]
+        idx, _ = upsample_sources(b, (h, w), (ho, wo), p["mode"], p["align_corners"], scales)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        hit = rows[idx.to(x.device)].amax(1)  # (B*Ho*Wo, C): any source changed
+        return hit.view(b, ho, wo, c).permute(0, 3, 1, 2)
+    return None
+
+
 def _replay_node(node: fx.Node, prev: fx.Node, x: torch.Tensor, modules: dict) -> torch.Tensor:
     n = x.shape[0]
+    y = _replay_new_kinds(node, x, modules, n)
+    if y is not None:
+        return y
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)):

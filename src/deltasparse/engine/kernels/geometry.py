@@ -19,11 +19,13 @@ ops loaded from the window's arithmetic, without reading a table).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-__all__ = ["WindowGeom", "out_size"]
+__all__ = ["WindowGeom", "out_size", "upsample_size", "upsample_sources"]
 
 
 def out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool = False) -> int:
@@ -182,3 +184,70 @@ class GeometryCache:
 
     def nbytes(self) -> int:
         return sum(g.table_bytes() for g in self._cache.values())
+
+
+# -- upsampling ---------------------------------------------------------------------------
+
+
+def upsample_size(in_hw: tuple[int, int], size, scale) -> tuple[int, int]:
+    """``F.interpolate``'s output size from ``size`` or ``scale_factor``."""
+    if size is not None:
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    sh, sw = (scale, scale) if isinstance(scale, (int, float)) else (scale[0], scale[-1])
+    return (int(math.floor(in_hw[0] * float(sh))), int(math.floor(in_hw[1] * float(sw))))
+
+
+def _axis_sources(n_in: int, n_out: int, mode: str, align_corners: bool, scale: float | None,
+                  f32=np.float32) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per output index along one axis: the input indices it reads ``(n_out, K)`` and their
+    weights, as ATen's CPU kernels compute them (``UpSample.h``: the scale and source index in
+    the opmath type, ``f32``: float32 for float32 and half inputs, float64 for float64; nearest
+    always in float32)."""
+    dst = np.arange(n_out)
+    if mode in ("nearest", "nearest-exact"):
+        if mode == "nearest" and n_out == n_in:
+            src = dst
+        elif mode == "nearest" and n_out == 2 * n_in:
+            src = dst >> 1
+        else:
+            f = np.float32
+            s = f(1.0 / scale) if scale else f(n_in) / f(n_out)
+            pos = dst.astype(f) * s if mode == "nearest" else (dst.astype(f) + f(0.5)) * s
+            src = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+        return src[:, None].astype(np.int64), np.ones((n_out, 1))
+    # linear: area_pixel_compute_scale / area_pixel_compute_source_index / guard_index_and_lambda
+    if align_corners:
+        s = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0)
+        real = s * dst.astype(f32)
+    else:
+        s = f32(1.0 / scale) if scale else f32(n_in) / f32(n_out)
+        real = np.maximum(s * (dst.astype(f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(np.floor(real).astype(np.int64), n_in - 1)
+    lam = np.clip(real - i0.astype(f32), f32(0), f32(1)).astype(np.float64)
+    # a source of weight 0 is not read: point it at the other one, so that the rows an input
+    # change reaches are exactly those it changes
+    i1 = np.where(lam > 0, i0 + (i0 < n_in - 1), i0)
+    return np.stack([i0, i1], 1), np.stack([1.0 - lam, lam], 1)
+
+
+def upsample_sources(batch: int, in_hw: tuple[int, int], out_hw: tuple[int, int], mode: str,
+                     align_corners: bool = False, scales=None,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(idx, weight)``, each ``(B*Ho*Wo, K)``: the input rows (``b*H*W + y*W + x``) every
+    output row of an upsampling reads and their weights (``K`` = 1 nearest, 4 bilinear).
+    ``scales``: the ``scale_factor`` that ``F.interpolate`` hands its kernel (``None`` when it
+    computes from the sizes); ``dtype``: the map's (float64 computes the weights in float64)."""
+    (h, w), (ho, wo) = in_hw, out_hw
+    f = np.float64 if dtype == torch.float64 else np.float32
+    sh, sw = (scales, scales) if scales is None or isinstance(scales, (int, float)) else (
+        scales[0], scales[-1])
+    ya, yw = _axis_sources(h, ho, mode, align_corners, sh, f)
+    xa, xw = _axis_sources(w, wo, mode, align_corners, sw, f)
+    # (Ho, Wo, Ky, Kx) -> (Ho*Wo, Ky*Kx)
+    idx = ya[:, None, :, None] * w + xa[None, :, None, :]
+    wt = yw[:, None, :, None] * xw[None, :, None, :]
+    k = idx.shape[2] * idx.shape[3]
+    idx = torch.from_numpy(idx.reshape(ho * wo, k))
+    wt = torch.from_numpy(wt.reshape(ho * wo, k))
+    offs = (torch.arange(batch) * (h * w)).repeat_interleave(ho * wo)[:, None]
+    return (idx.repeat(batch, 1) + offs).contiguous(), wt.repeat(batch, 1).contiguous()

@@ -1,0 +1,279 @@
+"""Today's CNN blocks in the engine: the registry's activations, squeeze-excitation, LayerNorm
+over channels (NCHW and channels-last after a permute), layer scales, stochastic depth,
+upsampling and concat. Each against the dense model frame by frame, on every CPU backend and
+in float32 / float64, with history independence and the executed-MAC prediction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_helpers import DenseRecorder, LayerNorm2d, ModernOps, compare_rel, converted
+from torch import nn
+
+import deltasparse as ds
+from deltasparse._opset import ACTIVATIONS
+from deltasparse.data.streams import synthetic_stream
+from deltasparse.engine import DeltaEngine, UnsupportedOpError
+from deltasparse.engine.kernels.geometry import upsample_size, upsample_sources
+from deltasparse.metrics.macs import consumer_macs
+
+SHAPE = (2, 3, 28, 44)
+AFTER = ("SiLU", "Hardswish", "Sigmoid", "Hardsigmoid", "GELU", "LeakyReLU", "PReLU", "ReLU")
+
+
+def _frames(n: int, seed: int, noise: float = 0.01, shape=SHAPE):
+    return list(synthetic_stream(n, shape, noise=noise, seed=seed, objects=1, object_size=0.25))
+
+
+def _modern(frames, granularity="channel", thr=0.15):
+    return converted(ModernOps(), frames[0], thr=thr, granularity=granularity, after=AFTER)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_modern_ops_match_dense(granularity, backend):
+    frames = _frames(30, seed=1)
+    gm = _modern(frames, granularity)
+    eng = DeltaEngine(gm, backend)
+    rec = DenseRecorder(gm)
+    diffs = total = 0
+    for f in frames:
+        err, d, total = compare_rel(eng, rec, f)
+        assert err <= 1e-5
+        diffs += d
+    assert diffs <= 1e-4 * total * len(frames)
+    st = eng.stats
+    assert 0 < st.effective_macs < st.dense_macs  # it skipped work
+    kinds = {layer["kind"] for layer in st.layers}
+    assert {"mul", "upsample", "permute", "linear", "global_avgpool", "cat", "add",
+            "depthwise"} <= kinds  # fmt: skip
+
+
+def test_modern_ops_float64():
+    frames = [f.double() for f in _frames(12, seed=2)]
+    gm = converted(ModernOps(), frames[0].float(), thr=0.15, after=AFTER).double()
+    eng = DeltaEngine(gm, "torch")
+    for f in frames:
+        with torch.no_grad():
+            y, yd = eng.step(f), gm(f)
+        assert y.dtype == torch.float64
+        # the dense gates quantise in float32 (test_checks): agreement to that rounding
+        assert float((y - yd).abs().max()) <= 1e-8 * float(yd.abs().max())
+
+
+def test_modern_ops_history_independent(backend):
+    """After a long stream, a fresh engine on the last frame holds the same state."""
+    frames = _frames(120, seed=3, noise=0.02)
+    gm = _modern(frames)
+    long_run = DeltaEngine(gm, backend)
+    for f in frames:
+        long_run.step(f)
+    fresh = DeltaEngine(gm, backend)
+    fresh.step(frames[-1])
+    a, b = long_run.values(), fresh.values()
+    assert set(a) == set(b)
+    for name, v in a.items():
+        scale = max(float(b[name].abs().max()), 1.0)
+        assert float((v - b[name]).abs().max()) <= 1e-6 * scale, name
+
+
+def test_modern_ops_predicted_equals_executed(backend):
+    frames = _frames(8, seed=4, noise=0.005)
+    clips = torch.stack(frames, 1)  # (B, T, C, H, W)
+    gm = _modern(frames, thr=0.2)
+    report = ds.measure(ds.VideoModel(gm).eval(), [clips], engine=backend)
+    assert report.executed_error is None
+    ds.reset_state(gm)
+    eng = DeltaEngine(gm, backend)
+    eng.step(frames[0])
+    first = eng.stats
+    for f in frames[1:]:
+        eng.step(f)
+    st = eng.stats
+    executed = (st.effective_macs - first.effective_macs) / (st.dense_macs - first.dense_macs)
+    assert report.executed_fraction == pytest.approx(executed, rel=0.01)
+    assert 0 < report.executed_fraction < 1
+
+
+class _Act(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.conv, self.act, self.out = nn.Conv2d(3, 6, 3, padding=1), act, nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.conv(x)))
+
+
+_FUNCTIONAL = [
+    lambda x: F.silu(x), lambda x: x.sigmoid(), lambda x: torch.tanh(x),
+    lambda x: F.gelu(x, approximate="tanh"), lambda x: F.leaky_relu(x, 0.3),
+    lambda x: F.hardswish(x), lambda x: F.elu(x, 0.7), lambda x: F.mish(x),
+]  # fmt: skip
+
+
+class _Fn(nn.Module):
+    def __init__(self, i: int) -> None:
+        super().__init__()
+        self.i = i
+        self.conv, self.out = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.out(_FUNCTIONAL[self.i](self.conv(x)))
+
+
+def _modules_of_registry():
+    out = []
+    for a in ACTIVATIONS:
+        cls = a.modules[0]
+        out.append(cls(6) if cls is nn.PReLU else cls())
+    return out
+
+
+@pytest.mark.parametrize("net", [_Act(m) for m in _modules_of_registry()]
+                         + [_Fn(i) for i in range(len(_FUNCTIONAL))],
+                         ids=lambda n: type(n.act).__name__ if isinstance(n, _Act) else f"fn{n.i}")
+def test_every_activation_streams_exactly(net, backend):
+    net = net.eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    eng = DeltaEngine(net, backend)
+    for f in _frames(6, seed=5, noise=0.0, shape=(2, 3, 10, 12)):
+        torch.testing.assert_close(eng.step(f), net(f), rtol=0, atol=1e-5)
+    assert eng.stats.effective_macs < eng.stats.dense_macs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,ac", [("nearest", False), ("nearest-exact", False),
+                                     ("bilinear", False), ("bilinear", True)])
+@pytest.mark.parametrize("kw", [dict(scale_factor=2), dict(scale_factor=1.5), dict(size=(13, 9)),
+                                dict(scale_factor=(3, 0.7)), dict(scale_factor=1 / 3),
+                                dict(scale_factor=2.3, recompute_scale_factor=True)],
+                         ids=str)  # fmt: skip
+def test_upsample_sources_are_pytorchs(mode, ac, kw, dtype):
+    """The engine's source rows and weights reproduce F.interpolate (its CPU kernels' index and
+    weight arithmetic), for shrinking and growing, sizes and scale factors."""
+    for h, w in [(5, 7), (8, 8), (3, 11)]:
+        x = torch.randn(2, 3, h, w, dtype=dtype)
+        extra = {} if mode.startswith("nearest") else {"align_corners": ac}
+        y = F.interpolate(x, mode=mode, **kw, **extra)
+        ho, wo = y.shape[2:]
+        rec = kw.get("recompute_scale_factor")
+        if not rec:
+            assert upsample_size((h, w), kw.get("size"), kw.get("scale_factor")) == (ho, wo)
+        scales = None if ("size" in kw or rec) else kw["scale_factor"]
+        idx, wt = upsample_sources(2, (h, w), (ho, wo), mode, ac, scales, dtype)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
+        z = (rows[idx] * wt.to(dtype)[..., None]).sum(1)
+        ref = y.permute(0, 2, 3, 1).reshape(-1, 3)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(z, ref, rtol=0, atol=tol)
+
+
+def test_fan_out_and_exact_macs_through_upsample_and_products():
+    class Neck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.SiLU()
+            self.se = nn.Conv2d(4, 4, 1)
+            self.head = nn.Conv2d(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            a = self.act(self.conv(x))
+            s = torch.sigmoid(self.se(F.adaptive_avg_pool2d(a, 1)))
+            u = F.interpolate(a * s, scale_factor=2, mode="bilinear")
+            return self.head(u)
+
+    x = torch.randn(2, 3, 6, 8)
+    gm = ds.convert(Neck().eval(), ds.DeltaConfig(after=("SiLU",)), example_input=x)
+    layer = gm.get_submodule("act_delta")
+    assert layer.fan_out == 4 + 9 * 5  # se (1x1, 4 out) + head (3x3, 5 out) through mul/upsample
+    from deltasparse._graph import find_consumers
+
+    node = next(n for n in gm.graph.nodes if n.target == "act_delta")
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(x)
+    modules = dict(gm.named_modules())
+    (se, head) = sorted(find_consumers(gm, node), key=lambda c: c.name)[::-1]
+    assert head.name == "head"
+    binary = (torch.rand(2, 4, 6, 8) < 0.1).float()
+    reach = (F.interpolate(binary, scale_factor=2, mode="bilinear") > 0).float()
+    brute = int(F.conv2d(reach, torch.ones(5, 4, 3, 3), padding=1).sum())
+    assert consumer_macs(head, binary, modules) == brute
+
+
+def test_clear_errors_for_what_the_new_ops_do_not_cover():
+    class PixelOnNhwc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 4)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    x = torch.randn(1, 3, 6, 6)
+    gm = ds.convert(PixelOnNhwc().eval(), ds.DeltaConfig(after=("GELU",), gate="pixel"),
+                    example_input=x).eval()  # fmt: skip
+    with pytest.raises(UnsupportedOpError, match="pixel gate .* channels-last"):
+        DeltaEngine(gm, "torch").step(x)
+
+    class NormOverWidth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 1), nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+    with pytest.raises(UnsupportedOpError, match="LayerNorm 'norm' over the last dim"):
+        DeltaEngine(NormOverWidth().eval(), "torch").step(x)
+
+    class OddPermute(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 1, 3, 2).relu()
+
+    with pytest.raises(UnsupportedOpError, match=r"permute .* \(0, 1, 3, 2\)"):
+        DeltaEngine(OddPermute().eval(), "torch").step(x)
+
+    class SpatialScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.scale = nn.Parameter(torch.rand(4, 6, 1))
+
+        def forward(self, x):
+            return self.scale * self.conv(x)
+
+    with pytest.raises(UnsupportedOpError, match=r"constant of shape \(4, 6, 1\)"):
+        DeltaEngine(SpatialScale().eval(), "torch").step(x)
+
+    class RowScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * y.mean((2, 3), keepdim=True)[:, :, :1, :1].flatten(1)[:, None, None, :1]
+
+    with pytest.raises(UnsupportedOpError):
+        DeltaEngine(RowScale().eval(), "torch").step(x)
+
+
+def test_layernorm2d_is_recognised_by_running_it():
+    from deltasparse._opset import layernorm_axis
+
+    assert layernorm_axis(nn.LayerNorm(8)) == "last"
+    assert layernorm_axis(LayerNorm2d(8)) == "channels"
+
+    class Weird(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert layernorm_axis(Weird(8)) is None
+    m = LayerNorm2d(8)
+    w = m.weight.detach().clone()
+    layernorm_axis(m)  # the probe runs on a copy: the module keeps its dtype and values
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight, w)
