@@ -8,6 +8,7 @@ from engine_helpers import DenseRecorder
 from torch import nn
 
 import deltasparse as ds
+from deltasparse._opset import activation_modules
 from deltasparse.data.streams import synthetic_stream
 from deltasparse.models import MobileNetV1
 
@@ -17,7 +18,8 @@ SMALL = {
     "mobilenet_v1": {"width_mult": 0.25},
     "mobilenet_v2": {"width_mult": 0.25},
 }
-TORCHVISION = {"resnet18", "resnet50", "mobilenet_v2"}
+TORCHVISION = {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+               "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"}
 SHAPE = (2, 3, 32, 32)
 
 
@@ -66,7 +68,10 @@ def _calibrated(model: nn.Module, frames) -> nn.Module:
     model.train()
     with torch.no_grad():
         model(torch.cat(frames))
-    gm = ds.convert(model.eval(), ds.DeltaConfig(threshold_init=0.1), example_input=frames[0])
+    acts = activation_modules()  # a gate after every activation type the model uses
+    after = tuple(sorted({type(m).__name__ for m in model.modules() if isinstance(m, acts)}))
+    gm = ds.convert(model.eval(), ds.DeltaConfig(threshold_init=0.1, after=after),
+                    example_input=frames[0])  # fmt: skip
     g = torch.Generator().manual_seed(1)
     for m in gm.modules():
         if isinstance(m, ds.DeltaActivation):
