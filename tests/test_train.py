@@ -245,7 +245,7 @@ def test_bench_cli_with_trained_checkpoint(recipe, tmp_path):
     ("seed", -1, "--seed) must be an integer >= 0"),
     ("synthetic_classes", 13, "--synthetic-classes) must be an integer in 1..12"),
     ("synthetic_videos", 3, "--synthetic-videos) must be an integer >= 4 (synthetic_classes"),
-    ("model", "nope", "--model) must be one of convnet, convnet_pw, dsconvnet, mobilenet_v1"),
+    ("model", "nope", "--model) must be one of convnet, convnet_pw, convnext_tiny, dsconvnet"),
     ("resolution", 33, "--resolution) must be an even integer >= 8 (the embedded videos"),
     ("layout", "ucf", "--layout) must be one of auto, ucf101, folder"),
     ("device", "gpu", "--device) must be one of auto, cpu, cuda"),
