@@ -14,8 +14,9 @@ then 200 frames streamed through ``DeltaEngine`` (the fastest backend of the dev
   quantiser (a different summation order on the dense first pass);
 * executed density (the engine's effective / dense MACs) and the slower paths it took
   (``engine.stats.fallbacks``: dense fallbacks, no CUDA-graph step and why);
-* cost at 100% density: the engine on frames that change everywhere (fresh noise each step)
-  against the dense model of the same dtype (gate-free, BN folded; on a GPU the best of
+* cost at 100% density: the engine on frames that change everywhere (fresh noise each step;
+  on CUDA its dense step, a CUDA graph of its dense pass, takes those) against the dense model
+  of the same dtype (gate-free, BN folded; on a GPU the best of
   NCHW/channels-last x eager/CUDA graph with cuDNN autotuned), medians.
 
     python bench/zoo_sweep.py --out bench/results/zoo_sweep.json [--models a,b] [--res 224]
@@ -98,6 +99,10 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
     eng = ds.DeltaEngine(gm)
     row["backend"] = eng.backend.name
     agree, worst, hist, hist_flips, checks = 0, 0.0, 0.0, 0, 0
+    # the PyTorch reference in float32 proper (cuDNN's convs default to TF32; the engine's
+    # kernels do not), restored for the timed baselines below
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         for t, f in enumerate(frames):
             y = eng.step(f)
@@ -112,6 +117,7 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
                 d = float((y - z).abs().max()) / max(float(z.abs().max()), 1e-12)
                 hist, checks = max(hist, d), checks + 1
                 hist_flips += int(d > 1e-5)
+    torch.backends.cudnn.allow_tf32 = tf32
     st = eng.stats
     row.update(frames=len(frames), top1_agreement=agree / len(frames),
                max_rel_error_vs_pytorch=worst, history_max_rel_diff=hist,
@@ -127,6 +133,8 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
             full.step(f)  # warm-up (kernels, graph capture)
         t_eng = [_timed(full.step, f, device)[1] for f in noisy]
     row["engine_full_ms"] = 1e3 * statistics.median(t_eng)
+    row["engine_dense_step"] = full.dense_step
+    row["engine_dense_steps"] = 0 if full._dense is None else full._dense.steps
     row["engine_full_density"] = full.stats.effective_macs / full.stats.dense_macs
     if device.type == "cuda":
         base = gpu_dense_baselines(gm, noisy)

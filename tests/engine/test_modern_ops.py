@@ -304,6 +304,9 @@ def test_modern_ops_on_the_gpu_match_dense_every_frame():
 
     frames = [f.cuda() for f in _frames(20, seed=7)]
     gm = converted(ModernOps(), frames[0].cpu(), thr=0.15, after=AFTER).cuda()
+    # the reference in float32 proper (cuDNN's convs default to TF32; the engine does not)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         eng = DeltaEngine(gm)
@@ -313,8 +316,87 @@ def test_modern_ops_on_the_gpu_match_dense_every_frame():
             err, d, total = compare_rel(eng, rec, f)
             assert err <= 1e-4
             diffs += d
+    torch.backends.cudnn.allow_tf32 = tf32
     assert diffs <= 1e-4 * total * len(frames)
     assert eng.stats.effective_macs < eng.stats.dense_macs
     if eng.backend.name == "triton":
         assert any("CUDA-graph" in r for r in eng.stats.fallbacks)
         assert any(w.category is FallbackWarning for w in caught)
+
+
+def _switching_stream(n: int, seed: int, shape=SHAPE):
+    """A still scene with a small moving object, and every third frame fresh noise: steps that
+    are sparse and steps where every pixel changed (the noise frame and the one after it)."""
+    frames = _frames(n, seed=seed, noise=0.0, shape=shape)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(f.shape, generator=g) if i % 3 == 2 else f for i, f in enumerate(frames)]
+
+
+@pytest.mark.parametrize("model", ["modern", "yolo"])
+def test_dense_step_changes_speed_never_results(model, backend):
+    """dense_step: steps where most rows changed run the dense pass instead; outputs and states
+    equal those of the delta steps, the stats count those steps dense, and the prediction
+    (ExecutedPredictor, the rule measure() applies) equals the engine's executed MACs."""
+    from deltasparse.engine.predict import ExecutedPredictor, changed_rows
+
+    frames = _switching_stream(12, seed=8, shape=SHAPE if model == "modern" else (1, 3, 64, 96))
+    net = ModernOps() if model == "modern" else ds.models.YoloNeck(classes=2, width=8)
+    gm = converted(net, frames[0], thr=0.15, after=AFTER if model == "modern" else ("SiLU",))
+    delta = DeltaEngine(gm, backend, dense_step=None)
+    mixed = DeltaEngine(gm, backend, dense_step=0.5)
+    pred = ExecutedPredictor(gm, frames[0].shape, backend=backend, dense_step=0.5)
+    prev = None
+    for f in frames:
+        a, b = delta.step(f), mixed.step(f)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        # the dense outputs of every stored value, for the prediction
+        vals = mixed.values()
+        pred.step_changes(None if prev is None else {
+            name: changed_rows(vals[name], prev[name], v.layout) for name, v in pred._values})
+        prev = vals
+    # the noise frames (2, 5, 8, 11) and the frames after them (3, 6, 9)
+    assert mixed._dense is not None and mixed._dense.steps == 7
+    va, vb = delta.values(), mixed.values()
+    for name in va:
+        assert torch.equal(va[name], vb[name]), name
+    sd, sm = delta.stats, mixed.stats
+    assert sm.frames == sd.frames == len(frames)
+    assert sm.dense_macs == sd.dense_macs
+    assert sd.effective_macs <= sm.effective_macs < sm.dense_macs
+    assert pred.stats.effective_macs == sm.effective_macs
+    for la, lb in zip(sd.layers, sm.layers, strict=True):
+        assert la["frames"] == lb["frames"] == len(frames), la["name"]
+
+
+def test_dense_step_argument_is_checked():
+    with pytest.raises(ValueError, match=r"dense_step=\.\.\.\) is a fraction in \[0, 1\]"):
+        DeltaEngine(ModernOps().eval(), "torch", dense_step=2.0)
+
+
+def test_outputs_and_values_are_copies_for_1x1_maps():
+    """A (B, C, 1, 1) output (or value) is a copy: the next step does not change it (its
+    channels-last view is contiguous already, so it used to be handed out live)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
+    eng = DeltaEngine(net, "torch")
+    f0, f1 = _frames(2, seed=9, noise=0.05, shape=(2, 3, 8, 8))
+    y0 = eng.step(f0)
+    v0 = eng.values()
+    keep = y0.clone(), {k: v.clone() for k, v in v0.items()}
+    y1 = eng.step(f1)
+    assert not torch.equal(y1, keep[0])
+    assert torch.equal(y0, keep[0]) and all(torch.equal(v0[k], keep[1][k]) for k in v0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_step_cuda_graph_equals_delta_steps():
+    frames = [f.cuda() for f in _switching_stream(12, seed=10)]
+    gm = converted(ModernOps(), frames[0].cpu(), thr=0.15, after=AFTER).cuda()
+    delta = DeltaEngine(gm, dense_step=None)
+    mixed = DeltaEngine(gm, dense_step=0.5)
+    for f in frames:
+        a, b = delta.step(f), mixed.step(f)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    assert mixed._dense is not None and mixed._dense.graph is not None
+    assert mixed._dense.steps == 7
+    sd, sm = delta.stats, mixed.stats
+    assert sm.dense_macs == sd.dense_macs and sm.frames == len(frames)

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from .dense_step import DenseStep, changed_fraction, default_dense_step
 from .kernels import Backend, GeometryCache, get_backend
 from .plan import UnsupportedOpError, build_plan, trace_model
 from .runtime import Runtime, build_runtime
@@ -38,6 +39,11 @@ class DeltaEngine:
             kernel; ``"dense"`` recomputes such ops densely when their input changes.
         crossover: per op kind (``linear``, ``conv``, ``depthwise``, ``pool``, ``pointwise``),
             the fraction of rows to recompute above which the dense path is used.
+        dense_step: on CUDA, the fraction of changed rows at the first MAC op's inputs above
+            which a step runs the dense pass as one CUDA graph instead (``"auto"``: 0.25 on
+            CUDA where the whole-step sparse graph declines the model, off elsewhere;
+            ``None``: off; on the CPU a fraction runs the dense pass without a graph). Same results either way (engine/dense_step.py); ``measure()``
+            predicts with the same rule.
 
     The model's parameters are read when the engine is built and again at every ``reset()``.
     Every slower path it takes (a dense fallback op, the torch backend where ``auto`` wanted
@@ -47,7 +53,7 @@ class DeltaEngine:
 
     def __init__(self, model: nn.Module, backend: str | Backend = "auto", *,
                  fallback: str = "error", crossover: dict[str, float] | None = None,
-                 cuda_graph: bool = True) -> None:  # fmt: skip
+                 cuda_graph: bool = True, dense_step: float | str | None = "auto") -> None:  # fmt: skip
         if not isinstance(model, nn.Module):
             raise TypeError(f"DeltaEngine expects an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -83,6 +89,17 @@ class DeltaEngine:
         # A backend with device kernels (triton) can run whole steps as one CUDA graph.
         self._cuda_graph = cuda_graph
         self._graph = None
+        # Steps where most rows changed run the dense pass as one CUDA graph (dense_step.py).
+        if dense_step == "auto":
+            dense_step = default_dense_step(self.device, cuda_graph)
+        if dense_step is not None and not (isinstance(dense_step, (int, float))
+                                           and 0 <= dense_step <= 1):  # fmt: skip
+            raise ValueError(
+                f"DeltaEngine(dense_step=...) is a fraction in [0, 1], 'auto' or None, got "
+                f"{dense_step!r}"
+            )
+        self.dense_step = dense_step
+        self._dense: DenseStep | None = None
 
     def _init_tokens(self, model: nn.Module, backend, crossover) -> None:
         if not isinstance(backend, str):
@@ -106,6 +123,7 @@ class DeltaEngine:
         self._frames = 0
         self._shape = None
         self._graph = None
+        self._dense = None
         self._cuda_graph = False
 
     @property
@@ -191,6 +209,7 @@ class DeltaEngine:
         self._frames = 0
         self._shape = None
         self._graph = None
+        self._dense = None
 
     def _check_frame(self, frame) -> None:
         if not isinstance(frame, torch.Tensor):
@@ -226,16 +245,28 @@ class DeltaEngine:
         if first:
             self._runtime = self._build(tuple(frame.shape))
             self._shape = tuple(frame.shape)
+        with self.backend.precision_scope():
+            return self._step(frame, first)
+
+    def _step(self, frame: torch.Tensor, first: bool) -> torch.Tensor:
         rt = self._runtime
         if not first and self._graph is not None:
             self._frames += 1
             return self._graph.step(frame)
+        dense = self._dense if not first else None
+        undo = dense.snapshot() if dense is not None else None
         rt.input_op.set_frame(frame, first)
-        for op in rt.ops:
+        for i, op in enumerate(rt.ops):
+            if dense is not None and i == dense.lead and \
+                    changed_fraction(dense.decide) > self.dense_step:  # fmt: skip
+                self._frames += 1
+                return dense.step(frame, undo)
             op.run(first)
         self._frames += 1
         if first and self._cuda_graph and getattr(self.backend, "graph_step", None):
             self._graph = self._graph_step(rt)
+        if first and self._graph is None and self.dense_step is not None:
+            self._dense = DenseStep(rt)
         return rt.output.as_tensor()
 
     def _build(self, shape: tuple[int, ...]) -> Runtime:
@@ -274,7 +305,7 @@ class DeltaEngine:
             why = why or getattr(self.backend, "graph_declined", None) or "declined"
             self._fallback(
                 f"no CUDA-graph step ({why}): every step runs the per-op driver, one host "
-                "synchronisation per op (slower)", depth=3,  # step, its no_grad wrapper, this
+                "synchronisation per op (slower)", depth=4,  # step, no_grad, _step, this
             )
         return graph
 

@@ -107,7 +107,9 @@ class Value:
         b, c, h, w = self.shape
         if self.layout == "nhwc":
             return x.reshape(b, h, w, c).clone()
-        return x.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        # clone: for a 1x1 (or one-channel) map the permuted view is already contiguous, and
+        # contiguous() would hand out the live state
+        return x.view(b, h, w, c).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .dense_step import changed_fraction, decision_rows, default_dense_step, leading_ops
 from .kernels import GeometryCache, get_backend
 from .plan import build_plan, trace_model
 from .runtime import build_runtime
@@ -42,8 +43,9 @@ class ExecutedPredictor:
         model: what :class:`DeltaEngine` would be given (converted per-frame model or
             ``VideoModel``), in eval mode.
         frame_shape: ``(B, C, H, W)`` of one step (``B`` independent streams, as the engine).
-        backend / crossover / cuda_graph: as for the engine (``"auto"`` resolves the same
-            way; where the engine would take the CUDA-graph step, the prediction follows it).
+        backend / crossover / cuda_graph / dense_step: as for the engine (``"auto"`` resolves
+            the same way; where the engine would take the CUDA-graph step or a dense step, the
+            prediction follows it).
 
     Call :meth:`step` once per frame with the dense outputs of :attr:`node_names` for that
     frame; :attr:`stats` then holds what the engine would have computed (an
@@ -52,7 +54,7 @@ class ExecutedPredictor:
 
     def __init__(self, model: nn.Module, frame_shape, *, backend="auto",
                  crossover: dict[str, float] | None = None, device=None,
-                 cuda_graph: bool = True) -> None:  # fmt: skip
+                 cuda_graph: bool = True, dense_step: float | str | None = "auto") -> None:  # fmt: skip
         gm = trace_model(model)
         plan, alias = build_plan(gm)
         p = next(iter(gm.parameters()), None)
@@ -73,7 +75,13 @@ class ExecutedPredictor:
         if self.graph:
             for op in self.runtime.ops:
                 op.crossover, op.exact_rows = float("inf"), True
-        # One recorded fx node per stored value (aliases share a value).
+        # The engine's dense step (where the whole-step graph declines): every op on every
+        # row when the changed rows at the first MAC op's inputs exceed ``dense_step``.
+        if dense_step == "auto":
+            dense_step = default_dense_step(device, cuda_graph)
+        self.dense_step = None if self.graph else dense_step
+        self._lead = leading_ops(self.runtime)
+        self._decide = decision_rows(self.runtime)        # One recorded fx node per stored value (aliases share a value).
         self._values: list[tuple[str, object]] = []
         seen: set[int] = set()
         for node, v in self.runtime.values.items():
@@ -119,8 +127,10 @@ class ExecutedPredictor:
         if not rt.input_op.detect:  # the engine hands every input pixel to the input gate
             rt.input_op.out.changed = None
         rt.input_op.stats.frames += 1
+        dense = (not first and self.dense_step is not None and self._lead < len(rt.ops)
+                 and changed_fraction(self._decide) > self.dense_step)  # fmt: skip
         for op in rt.ops:
-            op.plan(first)
+            op.plan(first or dense)
         self.frames += 1
 
     @property

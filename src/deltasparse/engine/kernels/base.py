@@ -19,6 +19,8 @@ accelerates; the others fall back to the torch implementations it inherits.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .specs import ConvSpec, LinearSpec, PoolSpec
@@ -80,6 +82,15 @@ class Backend:
         """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
         return n
 
+    def precision_scope(self):
+        """The context the engine runs a step in. On CUDA: float32 without TF32 in cuDNN and
+        cuBLAS, so that the dense kernels (the first frame, the dense path of a crossover, the
+        dense step) compute in the precision of the sparse ones: one precision on every path,
+        else a quantiser flips between them (history independence)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return _no_tf32()
+
     def finish_reads_only(self, chain, z) -> bool:
         """Whether :meth:`finish` leaves ``z`` untouched for this chain (then ``z`` may be a
         view of another op's state)."""
@@ -126,3 +137,14 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device})"
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
