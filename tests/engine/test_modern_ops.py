@@ -309,7 +309,7 @@ def test_modern_ops_on_the_gpu_match_dense_every_frame():
     torch.backends.cudnn.allow_tf32 = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
-        eng = DeltaEngine(gm)
+        eng = DeltaEngine(gm, dense_step=None)  # the per-op driver (noise: dense steps else)
         rec = DenseRecorder(gm)
         diffs = total = 0
         for f in frames:
@@ -400,3 +400,22 @@ def test_dense_step_cuda_graph_equals_delta_steps():
     assert mixed._dense.steps == 7
     sd, sm = delta.stats, mixed.stats
     assert sm.dense_macs == sd.dense_macs and sm.frames == len(frames)
+
+
+def test_values_of_a_gate_followed_by_a_fused_dropout():
+    """mobilenet_v3's classifier: Linear -> Hardswish -> gate -> Dropout -> Linear; the gate's
+    value is found though the plan fused the dropout after it."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 6), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(6, 3))
+    frames = _frames(4, seed=11, shape=(2, 3, 8, 8))
+    gm = converted(net, frames[0], thr=0.05, after=("Hardswish",))
+    rec = DenseRecorder(gm)
+    eng = DeltaEngine(gm, "torch")
+    for f in frames:
+        y = eng.step(f)
+        dense, acts = rec(f)
+        vals = eng.values(set(acts))
+        assert set(vals) == set(acts) == {"_4_delta"}
+        torch.testing.assert_close(vals["_4_delta"], acts["_4_delta"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(y, dense, rtol=0, atol=1e-5)
+    assert "3" not in eng.values({"3"})  # the Linear's own output is not held: not listed

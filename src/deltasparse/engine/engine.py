@@ -26,6 +26,28 @@ __all__ = ["DeltaEngine"]
 log = logging.getLogger(__name__)
 
 
+def _same_value(node, target, gm) -> bool:
+    """Whether ``node`` holds ``target``'s value: ``target`` is its input and ``node`` an
+    alias, or only aliases (identity, dropout) lead from ``node`` to ``target``."""
+    from .._opset import classify
+
+    modules = dict(gm.named_modules())
+
+    def is_alias(n) -> bool:
+        return n.op in ("call_module", "call_function", "call_method") and \
+            classify(n, modules, gm)[0] == "alias"  # fmt: skip
+
+    if target in node.all_input_nodes:
+        return is_alias(node)
+    cur = node
+    while cur is not target:
+        users = list(cur.users)
+        if len(users) != 1 or not is_alias(users[0]):
+            return False
+        cur = users[0]
+    return True
+
+
 class DeltaEngine:
     """Stateful delta inference over ``B`` independent streams of frames ``(B, C, H, W)``.
 
@@ -325,10 +347,18 @@ class DeltaEngine:
         if rt is None:
             return {}
         src = rt.input_op
+        held = dict(rt.values)
+        # nodes the plan folded into another's value that have that value (a gate followed by
+        # a fused dropout or identity, a standalone dropout)
+        for node, target in self._alias.items():
+            while target in self._alias:
+                target = self._alias[target]
+            if node not in held and target in held and _same_value(node, target, self._gm):
+                held[node] = held[target]
         return {
             # a fused input gate reads the frame itself: the input's rows are never stored
             node.name: src.frame.clone() if src.deferred and v is src.out else v.as_tensor()
-            for node, v in rt.values.items()
+            for node, v in held.items()
             if names is None or node.name in names
         }
 
