@@ -17,7 +17,8 @@ then 200 frames streamed through ``DeltaEngine`` (the fastest backend of the dev
 * cost at 100% density: the engine on frames that change everywhere (fresh noise each step;
   on CUDA its dense step, a CUDA graph of its dense pass, takes those) against the dense model
   of the same dtype (gate-free, BN folded; on a GPU the best of
-  NCHW/channels-last x eager/CUDA graph with cuDNN autotuned), medians.
+  NCHW/channels-last x eager/CUDA graph with cuDNN autotuned, with cuDNN's default TF32
+  convolutions and, the engine's precision, without), medians.
 
     python bench/zoo_sweep.py --out bench/results/zoo_sweep.json [--models a,b] [--res 224]
 """
@@ -140,6 +141,9 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
         base = gpu_dense_baselines(gm, noisy)
         row["dense_baselines_ms"] = base
         best = min(v for k, v in base.items() if k.startswith("float32"))
+        ieee = min(v for k, v in base.items() if k.startswith("ieee32"))
+        row["best_dense_ieee32_ms"] = ieee
+        row["full_density_cost_vs_dense_ieee32"] = row["engine_full_ms"] / ieee
     else:
         dense = fused_dense(gm).eval()
         with torch.no_grad():

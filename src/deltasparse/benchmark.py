@@ -40,6 +40,7 @@ from torch import nn
 
 from .data.streams import synthetic_stream
 from .engine import DeltaEngine
+from .engine.kernels.base import no_tf32
 from .exploit import _ALL_DENSE, fused_dense
 
 __all__ = ["RESOLUTIONS", "build_bench_model", "cuda_graphed", "gpu_dense_baselines", "run_bench",
@@ -202,7 +203,9 @@ def cuda_graphed(model: nn.Module, example: torch.Tensor):
 
 def gpu_dense_baselines(model: nn.Module, frames: Sequence[torch.Tensor]) -> dict[str, float]:
     """Median ms per frame of the dense model on a CUDA device, per variant
-    ``{float32,bfloat16}_{nchw,channels_last}_{eager,graph}``: ``model`` without its sparsity
+    ``{float32,bfloat16}_{nchw,channels_last}_{eager,graph}`` (float32 with cuDNN's default,
+    TF32 convolutions) and ``ieee32_{nchw,channels_last}_graph`` (float32 without TF32, the
+    engine's precision): ``model`` without its sparsity
     layers and with batch norm folded (:func:`deltasparse.exploit.fused_dense`), cuDNN's
     autotuner on, timed with CUDA events over ``frames`` after a warm-up pass."""
     if not frames or frames[0].device.type != "cuda":
@@ -224,6 +227,13 @@ def gpu_dense_baselines(model: nn.Module, frames: Sequence[torch.Tensor]) -> dic
                             fn(f)  # warm-up
                         ts = [_timed(fn, f, f.device)[1] for f in fs]
                         out[f"{dname}_{fname}_{mode}"] = 1e3 * statistics.median(ts)
+                if dtype == torch.float32:  # float32 proper (cuDNN's convs default to TF32)
+                    with torch.no_grad(), no_tf32():
+                        fn = cuda_graphed(m, fs[0])
+                        for f in fs[:2]:
+                            fn(f)
+                        ts = [_timed(fn, f, f.device)[1] for f in fs]
+                    out[f"ieee32_{fname}_graph"] = 1e3 * statistics.median(ts)
     finally:
         torch.backends.cudnn.benchmark = bench_before
     return out

@@ -25,7 +25,7 @@ import torch
 
 from .specs import ConvSpec, LinearSpec, PoolSpec
 
-__all__ = ["Backend", "OP_KINDS"]
+__all__ = ["Backend", "OP_KINDS", "no_tf32"]
 
 OP_KINDS = ("linear", "conv", "depthwise", "pool", "pointwise")
 
@@ -89,7 +89,7 @@ class Backend:
         else a quantiser flips between them (history independence)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        return _no_tf32()
+        return no_tf32()
 
     def finish_reads_only(self, chain, z) -> bool:
         """Whether :meth:`finish` leaves ``z`` untouched for this chain (then ``z`` may be a
@@ -140,7 +140,8 @@ class Backend:
 
 
 @contextlib.contextmanager
-def _no_tf32():
+def no_tf32():
+    """float32 proper in cuDNN and cuBLAS inside the block (TF32 off), restored after."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = False
