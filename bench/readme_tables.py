@@ -212,10 +212,32 @@ def token_engine_gpu() -> str:
         " (ViT-B/16 widths, random weights); 10% budgets in the JSON."
 
 
+def zoo_sweep() -> str:
+    name = "zoo_sweep.json"
+    d = _load(name)
+    head = ["model", "gates after", "top-1 agreement", "max rel. error", "history (max rel.)",
+            "executed", "100% density ms", "dense fp32 ms (TF32)", "dense fp32 ms (no TF32)",
+            "cost vs no-TF32"]
+    rows = []
+    for r in d["models"]:
+        if "error" in r:
+            rows.append([r["model"], "–", "error: " + r["error"][:60]] + ["–"] * 7)
+            continue
+        rows.append([r["model"], "/".join(r["gates_after"]), _pct(r["top1_agreement"]),
+                     f"{r['max_rel_error_vs_pytorch']:.1e}", f"{r['history_max_rel_diff']:.0e}",
+                     _pct(r["executed_density"]), _ms(r["engine_full_ms"]),
+                     _ms(r["best_dense_fp32_ms"]), _ms(r.get("best_dense_ieee32_ms")),
+                     _x(r.get("full_density_cost_vs_dense_ieee32"))])  # fmt: skip
+    return _table(head, rows) + "\n\n" + _source(d, name) + (
+        f" {d['device']}, {d['resolution']}², {d['models'][0].get('frames', '?')} frames of the "
+        f"embedded footage ({'x264-compressed' if d['footage_compressed'] else 'uncompressed'})"
+        ", random weights with batch-norm statistics of the footage.")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
     "engine_gpu": engine_gpu, "train_overhead": train_overhead, "token_engine": token_engine,
-    "token_engine_gpu": token_engine_gpu, "folder_recipe": folder_recipe,
+    "token_engine_gpu": token_engine_gpu, "folder_recipe": folder_recipe, "zoo_sweep": zoo_sweep,
 }  # fmt: skip
 
 
