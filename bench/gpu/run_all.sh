@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, the engine benchmark, the training smoke run.
 # Usage (on the GPU machine, repo root): OUT=/some/dir bash bench/gpu/run_all.sh [steps]
-# steps: any of env tests bench smoke (default: all). Results land in $OUT.
+# steps: any of env tests bench smoke zoo (default: all but zoo). Results land in $OUT.
+# zoo: the new-op GPU tests, the torchvision registry sweep and bench/zoo_sweep.py (needs the
+# av wheel on PYTHONPATH for compressed footage, see the device README).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -21,6 +23,11 @@ for s in $STEPS; do
     bench)
       timeout "${BENCH_TIMEOUT:-300}" python3 bench/engine_gpu.py $BENCH_ARGS --out "$OUT/engine_gpu.json" \
         2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    zoo)
+      timeout "${ZOO_TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_modern_ops.py \
+        tests/test_models.py 2>&1 | tee "$OUT/gpu_zoo_tests.log" | tail -5
+      timeout "${ZOO_TIMEOUT:-300}" python3 bench/zoo_sweep.py --out "$OUT/zoo_sweep.json" 2> "$OUT/zoo.log"
+      timeout 70 python3 bench/gpu/dense_step_profile.py --out "$OUT/dense_step_profile.json" | tail -4 ;;
     smoke)
       rm -rf /tmp/gpu_smoke
       t1=$(date +%s.%N)
