@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from ._opset import KINDS, activation_modules, classify
+from ._opset import KINDS, activation_modules, classify, is_drop_path
 from .layers import SparsityLayer
 
 __all__ = [
@@ -50,7 +50,7 @@ class Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, (SparsityLayer, nn.LayerNorm)) or is_attention(m)
-                or super().is_leaf_module(m, qualname))  # fmt: skip
+                or is_drop_path(m) or super().is_leaf_module(m, qualname))  # fmt: skip
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -75,6 +75,7 @@ class Consumer:
     module: nn.Module
     path: list[fx.Node] = field(default_factory=list)
     source: fx.Node | None = None  # the node whose output feeds the path
+    graph_module: fx.GraphModule | None = None  # resolves parameters the path reads
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -98,7 +99,7 @@ def find_consumers(gm: fx.GraphModule, start: fx.Node) -> list[Consumer]:
                 if isinstance(mod, SparsityLayer):
                     continue  # its own changes are counted by that layer
                 if isinstance(mod, MAC_MODULES):
-                    found.append(Consumer(str(user.target), mod, list(path), start))
+                    found.append(Consumer(str(user.target), mod, list(path), start, gm))
                     continue
             if user.op in ("call_module", "call_function", "call_method"):
                 kind, _ = classify(user, modules, gm)

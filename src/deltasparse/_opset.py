@@ -73,7 +73,7 @@ def _elu_params(node, m):
 def _prelu_params(node, m):
     if m is None:
         raise _Unsupported("functional prelu (use nn.PReLU: its weight is a parameter)")
-    return {"weight": m.weight.detach()}
+    return {"weight": m.weight}
 
 
 def _prelu(z: torch.Tensor, p: dict) -> torch.Tensor:
@@ -174,6 +174,16 @@ _POOL1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1
 _UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear")
 
 
+DROP_PATH = ("StochasticDepth", "DropPath")  # torchvision.ops, timm: fx leaves, identity in eval
+
+
+def is_drop_path(m: nn.Module) -> bool:
+    """torchvision's ``StochasticDepth`` / timm's ``DropPath`` (by class name: neither library
+    is a dependency); tracers keep them as leaves, so that their training flag stays a module
+    attribute instead of a constant baked into the graph."""
+    return type(m).__name__ in DROP_PATH
+
+
 def _sparsity_classes():
     from .layers import ActivationL1, DeltaActivation, SparsityLayer
 
@@ -222,7 +232,7 @@ def _get_attr(gm: fx.GraphModule | None, node) -> torch.Tensor | None:
     obj = gm
     for part in str(node.target).split("."):
         obj = getattr(obj, part)
-    return obj.detach() if isinstance(obj, torch.Tensor) else None
+    return obj if isinstance(obj, torch.Tensor) else None  # read (and copied) at each build
 
 
 def _mul_kind(node: fx.Node, gm) -> tuple[str, dict]:
@@ -232,7 +242,7 @@ def _mul_kind(node: fx.Node, gm) -> tuple[str, dict]:
         return "mul", {}
     other = b if isinstance(a, fx.Node) and a.op != "get_attr" else a
     if isinstance(other, (int, float)) and not isinstance(other, bool):
-        return "affine", {"scale": torch.tensor(float(other)), "shift": None}
+        return "affine", {"scale": torch.tensor(float(other), dtype=torch.float64), "shift": None}
     const = _get_attr(gm, other)
     if const is not None:
         return "affine", {"scale": const, "shift": None}
@@ -251,7 +261,10 @@ def _layernorm_fn(node: fx.Node, gm) -> tuple[str, dict]:
                          "eps": float(_arg(node, 4, "eps", 1e-5))}  # fmt: skip
 
 
-def _upsample_kind(mode, size, scale, align_corners, recompute) -> tuple[str, dict]:
+def _upsample_kind(mode, size, scale, align_corners, recompute,
+                   antialias=False) -> tuple[str, dict]:  # fmt: skip
+    if antialias:
+        return "unsupported", {"why": "antialiased interpolation"}
     if mode not in _UPSAMPLE_MODES:
         return "unsupported", {"why": f"interpolation mode {mode!r} (supported: {_UPSAMPLE_MODES})"}
     if any(isinstance(v, fx.Node) for v in (size, scale)):
@@ -282,8 +295,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], gm) -> tuple[str, di
         m = modules[node.target]
         if isinstance(m, delta_cls):
             return "quant", {"layer": m}
-        if isinstance(m, (l1_cls, nn.Identity, nn.Dropout, nn.Dropout2d)):
-            return "alias", {}
+        if isinstance(m, (l1_cls, nn.Identity, nn.Dropout, nn.Dropout2d)) or is_drop_path(m):
+            return "alias", {}  # (the engine refuses modules in training mode up front)
         if isinstance(m, nn.Conv2d):
             return "conv", {}
         if isinstance(m, nn.Linear):
@@ -303,8 +316,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], gm) -> tuple[str, di
                 return "unsupported", {"why": "a LayerNorm over more than one dim, or a subclass "
                                               "that normalises neither the last dim nor channels"}
             return "layernorm", {"axis": axis, "shape": tuple(m.normalized_shape),
-                                 "weight": None if m.weight is None else m.weight.detach(),
-                                 "bias": None if m.bias is None else m.bias.detach(),
+                                 "weight": m.weight, "bias": m.bias,
                                  "eps": float(m.eps)}  # fmt: skip
         if isinstance(m, nn.MaxPool2d):
             return "maxpool", {}
@@ -336,7 +348,11 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], gm) -> tuple[str, di
         act = _ACT_BY_FUNCTION.get(f)
         if act is not None:
             return "act", {"act": act.name, **act.params(node, None)}
-        if f is F.dropout or (_is_stochastic_depth(f) and not _arg(node, 3, "training", True)):
+        if f is F.dropout or _is_stochastic_depth(f):
+            if _arg(node, 2 if f is F.dropout else 3, "training", True):
+                return "unsupported", {"why": "dropout / stochastic depth with training=True "
+                                              "(traced from a model in training mode: call "
+                                              ".eval() before convert())"}
             return "alias", {}
         if f in _ADD_FUNCS:
             if f is torch.add and _arg(node, 2, "alpha", 1) != 1:
@@ -366,7 +382,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], gm) -> tuple[str, di
         if f is F.interpolate:
             return _upsample_kind(_arg(node, 3, "mode", "nearest"), _arg(node, 1, "size"),
                                   _arg(node, 2, "scale_factor"), _arg(node, 4, "align_corners"),
-                                  _arg(node, 5, "recompute_scale_factor"))  # fmt: skip
+                                  _arg(node, 5, "recompute_scale_factor"),
+                                  _arg(node, 6, "antialias", False))  # fmt: skip
         return "unsupported", {}
     if node.op == "call_method":
         t = node.target
@@ -405,8 +422,16 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], gm) -> tuple[str, di
     return "unsupported", {}
 
 
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    """The node's inputs that carry activations (parameters read by ``get_attr`` are not)."""
+def tensor_args(node: fx.Node, kind: str | None = None) -> list[fx.Node]:
+    """The node's inputs that carry activations (parameters read by ``get_attr`` are not);
+    for ``add`` / ``mul`` / ``cat`` (``kind``) in argument order with repeats (``y + y``,
+    ``cat([y, y])``), else each once."""
+    if kind in ("add", "mul", "cat"):
+        args = node.args[0] if kind == "cat" and node.args else node.kwargs.get("tensors")
+        if kind != "cat":
+            args = node.args[:2] if len(node.args) >= 2 else [*node.args, node.kwargs.get("other")]
+        if isinstance(args, (list, tuple)):
+            return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
     out: list[fx.Node] = []
     for a in node.all_input_nodes:
         if a.op != "get_attr" and a not in out:

@@ -419,3 +419,183 @@ def test_values_of_a_gate_followed_by_a_fused_dropout():
         torch.testing.assert_close(vals["_4_delta"], acts["_4_delta"], rtol=0, atol=1e-6)
         torch.testing.assert_close(y, dense, rtol=0, atol=1e-5)
     assert "3" not in eng.values({"3"})  # the Linear's own output is not held: not listed
+
+
+# -- review findings -------------------------------------------------------------------------
+
+
+def test_numbers_and_layer_scales_are_one_factor_per_channel():
+    """The device kernels read C factors: a number is expanded to every channel."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+            self.gamma = nn.Parameter(torch.rand(5, 1, 1) + 0.5)
+
+        def forward(self, x):
+            return F.relu(self.gamma * (self.conv(x) * 0.5))
+
+    x = torch.randn(2, 3, 6, 6)
+    eng = DeltaEngine(Scaled().eval(), "torch")
+    torch.testing.assert_close(eng.step(x), Scaled.forward(eng.model, x), rtol=0, atol=1e-6)
+    (op,) = [o for o in eng._runtime.ops if o.name == "conv"]
+    affine = [s for s in op.chain.steps if s[0] == "affine"]
+    assert len(affine) == 2 and all(s[1].shape == (5,) and s[2].shape == (5,) for s in affine)
+
+
+def test_constants_are_reread_at_reset_and_never_live():
+    """Layer scales, LayerNorm and PReLU weights are copied when the runtime is built (at the
+    first frame after a reset), like batch norm: an update between resets is not half-applied."""
+    frames = _frames(3, seed=12, shape=(1, 3, 28, 44))
+    net = ModernOps().eval()
+    eng = DeltaEngine(net, "torch")
+    eng.step(frames[0])
+    with torch.no_grad():
+        net.block.layer_scale.mul_(2.0)  # in place: a live view would see it mid-stream
+        net.prelu.weight.data = net.prelu.weight.data + 0.3  # replaced: a view would not
+        net.down[0].weight.add_(0.5)
+    stale = eng.step(frames[1])
+    eng.reset()
+    fresh = eng.step(frames[1])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh, net(frames[1]), rtol=0, atol=1e-5)
+        assert float((stale - net(frames[1])).abs().max()) > 1e-3  # the old parameters held
+
+
+def test_training_mode_dropout_and_drop_path_are_refused_or_followed():
+    class DropPath(nn.Module):  # timm's name: kept as a leaf, identity in eval
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            return x * (torch.rand(x.shape[0], 1, 1, 1) >= self.p) / (1 - self.p)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.dp = nn.Conv2d(3, 4, 3, padding=1), DropPath(0.2)
+
+        def forward(self, x):
+            return F.relu(self.conv(x) + self.dp(self.conv(x)))
+
+    net = Net()
+    x = torch.randn(1, 3, 6, 6)
+    gm = ds.convert(net, ds.DeltaConfig(), example_input=x)  # in training mode, as train does
+    assert any(n.op == "call_module" and n.target == "dp" for n in gm.graph.nodes)
+    gm.eval()
+    eng = DeltaEngine(gm, "torch")
+    torch.testing.assert_close(eng.step(x), gm(x), rtol=0, atol=1e-6)
+
+    class FnDropout(nn.Module):
+        def forward(self, x):
+            return F.dropout(x.relu(), 0.5)  # training=True: always active
+
+    with pytest.raises(UnsupportedOpError, match="training=True"):
+        DeltaEngine(FnDropout().eval(), "torch")
+
+
+def test_channels_last_batch_norm_prelu_and_antialias_are_refused():
+    class BnNhwc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            return self.bn(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(UnsupportedOpError, match="batch norm .* channels-last"):
+        DeltaEngine(BnNhwc().eval(), "torch").step(x)
+
+    class PreluNhwc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 6, 1), nn.PReLU(6)
+
+        def forward(self, x):
+            return self.act(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    with pytest.raises(UnsupportedOpError, match="channels-last tensor they run along H"):
+        DeltaEngine(PreluNhwc().eval(), "torch").step(x)
+
+    class Aa(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x.relu(), scale_factor=0.5, mode="bilinear", antialias=True)
+
+    with pytest.raises(UnsupportedOpError, match="antialiased"):
+        DeltaEngine(Aa().eval(), "torch")
+
+
+def test_exact_macs_through_a_functional_layer_norm():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 8, 1), nn.ReLU()
+            self.w, self.b = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = self.act(self.conv(x)).permute(0, 2, 3, 1)
+            return self.fc(F.layer_norm(y, (8,), self.w, self.b)).permute(0, 3, 1, 2)
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from deltasparse._graph import find_consumers
+
+    x = torch.randn(1, 3, 4, 4)
+    gm = ds.convert(Block().eval(), ds.DeltaConfig(), example_input=x)
+    ShapeProp(gm).propagate(x)
+    node = next(n for n in gm.graph.nodes if n.target == "act_delta")
+    (fc,) = find_consumers(gm, node)
+    one = torch.zeros(1, 8, 4, 4)
+    one[0, 3, 1, 2] = 1  # one changed element: its whole pixel is normalised again
+    assert consumer_macs(fc, one, dict(gm.named_modules())) == 8 * 5
+
+
+def test_repeated_inputs_of_add_mul_cat():
+    class Rep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return torch.cat([y, y * y, y + y], dim=1)
+
+    net = Rep().eval()
+    eng = DeltaEngine(net, "torch")
+    for f in _frames(3, seed=13, shape=(1, 3, 6, 6)):
+        torch.testing.assert_close(eng.step(f), net(f), rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_step_then_delta_steps_on_the_gpu():
+    """A delta step right after the dense step's capture compares with the frame the capture
+    step stored (InputOp.prev written in place), and a number after a conv in the whole-step
+    graph scales every channel."""
+    frames = [f.cuda() for f in _frames(8, seed=14, noise=0.0)]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    frames[2] = torch.rand(frames[2].shape, generator=g, device="cuda")
+    gm = converted(ModernOps(), frames[0].cpu(), thr=0.15, after=AFTER).cuda()
+    delta, mixed = DeltaEngine(gm, dense_step=None), DeltaEngine(gm, dense_step=0.5)
+    for f in frames:
+        a, b = delta.step(f), mixed.step(f)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    assert mixed._dense.steps == 2  # the noise frame and the one after it
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x) * 0.5))
+
+    net = Scaled().eval().cuda()
+    eng = DeltaEngine(net)
+    with torch.no_grad():
+        for f in frames:
+            torch.testing.assert_close(eng.step(f), net(f), rtol=1e-4, atol=1e-4)

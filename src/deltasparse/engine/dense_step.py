@@ -90,6 +90,7 @@ class DenseStep:
         inp = runtime.input_op.out
         self.frame = torch.zeros(inp.shape, dtype=inp.buf.dtype, device=inp.buf.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: str | None = None  # why the capture failed (the engine then drops it)
         self._delta: list[dict] | None = None
         self.steps = 0
         self.lead = leading_ops(runtime)  # the decision is taken before op ``lead`` runs
@@ -123,10 +124,14 @@ class DenseStep:
             self._delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
             torch.cuda.synchronize(self.frame.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._body()
+            try:
+                with torch.cuda.graph(graph):
+                    self._body()
+            except Exception as exc:  # noqa: BLE001 - an op that cannot be captured
+                self.failed = f"{type(exc).__name__}: {exc}"  # the eager pass stands
+            else:
+                self.graph = graph
             _restore(stats, after)  # capture records launches, it does not run them
-            self.graph = graph
         else:
             self.graph.replay()
             for s, d in zip(stats, self._delta, strict=True):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .dense_step import DenseStep, changed_fraction, default_dense_step
 from .kernels import Backend, GeometryCache, get_backend
+from .ops import FallbackOp
 from .plan import UnsupportedOpError, build_plan, trace_model
 from .runtime import Runtime, build_runtime
 from .stats import EngineStats, FallbackWarning
@@ -64,8 +65,10 @@ class DeltaEngine:
         dense_step: on CUDA, the fraction of changed rows at the first MAC op's inputs above
             which a step runs the dense pass as one CUDA graph instead (``"auto"``: 0.25 on
             CUDA where the whole-step sparse graph declines the model, off elsewhere;
-            ``None``: off; on the CPU a fraction runs the dense pass without a graph). Same results either way (engine/dense_step.py); ``measure()``
-            predicts with the same rule.
+            ``None``: off; on the CPU a fraction runs the dense pass without a graph). The
+            results are the same either way (engine/dense_step.py); ``measure()`` predicts
+            with the same rule. Not taken for models with dense fallback ops; a capture that
+            fails is warned about and switches it off.
 
     The model's parameters are read when the engine is built and again at every ``reset()``.
     Every slower path it takes (a dense fallback op, the torch backend where ``auto`` wanted
@@ -282,13 +285,20 @@ class DeltaEngine:
             if dense is not None and i == dense.lead and \
                     changed_fraction(dense.decide) > self.dense_step:  # fmt: skip
                 self._frames += 1
-                return dense.step(frame, undo)
+                y = dense.step(frame, undo)
+                if dense.failed is not None:
+                    self._dense = None
+                    self._fallback(f"no dense step (its CUDA-graph capture failed: "
+                                   f"{dense.failed}); dense frames run the per-op driver",
+                                   depth=4)  # fmt: skip
+                return y
             op.run(first)
         self._frames += 1
         if first and self._cuda_graph and getattr(self.backend, "graph_step", None):
             self._graph = self._graph_step(rt)
-        if first and self._graph is None and self.dense_step is not None:
-            self._dense = DenseStep(rt)
+        if first and self._graph is None and self.dense_step is not None and not any(
+                isinstance(op, FallbackOp) for op in rt.ops):  # fmt: skip
+            self._dense = DenseStep(rt)  # (a dense fallback op may not be capturable)
         return rt.output.as_tensor()
 
     def _build(self, shape: tuple[int, ...]) -> Runtime:

@@ -182,21 +182,31 @@ class Chain:
             if op.kind == "clamp":
                 self.steps.append(("clamp", op.params["lo"], op.params["hi"]))
             elif op.kind == "bn":
+                if layout == "nhwc":  # BatchNorm2d acts on the tensor's dim 1: H here
+                    raise UnsupportedOpError(
+                        f"DeltaEngine: batch norm '{op.name}' on a channels-last tensor "
+                        "normalises its dim 1 (H), not the map's channels")
                 bn = op.params["bn"]
                 alpha, beta = _bn_affine(bn, out_shape[1], device, dtype)
                 self.steps.append(("affine", alpha, beta))
             elif op.kind == "affine":
-                alpha = _channel_vector(op.params["scale"], out_shape, layout, op.name)
-                alpha = alpha.to(device=device, dtype=dtype)
+                alpha = _channel_vector(op.params["scale"].detach(), out_shape, layout, op.name)
+                # one factor per channel (a number too: the device kernels read C factors);
+                # cloned: the parameter as it is now, not a live view
+                alpha = alpha.to(device=device, dtype=dtype).expand(channels).clone()
                 self.steps.append(("affine", alpha, torch.zeros_like(alpha)))
             elif op.kind == "act":
-                p = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+                p = {k: (v.detach().to(device=device, dtype=dtype).clone()
+                         if isinstance(v, torch.Tensor) else v)
                      for k, v in op.params.items() if k != "act"}  # fmt: skip
                 w = p.get("weight")
-                if w is not None and w.numel() not in (1, channels):
+                if w is not None and (w.numel() not in (1, channels)
+                                      or (layout == "nhwc" and w.numel() > 1)):  # fmt: skip
                     raise UnsupportedOpError(
                         f"DeltaEngine: {op.params['act']} '{op.name}' has {w.numel()} weights "
                         f"for {channels} channels"
+                        + (" (on a channels-last tensor they run along H)"
+                           if layout == "nhwc" else "")
                     )
                 self.steps.append(("act", ACTIVATION_BY_NAME[op.params["act"]].apply, p))
             elif op.kind == "layernorm":
@@ -311,7 +321,7 @@ def _channel_vector(t: torch.Tensor, shape: tuple[int, ...], layout: str, name: 
     number); anything that varies along other dims is refused."""
     c = shape[1]
     if t.numel() == 1:
-        return t.reshape(1).float()
+        return t.reshape(1)
     # the broadcast shape of a per-channel constant in the model's layout
     per_channel = (c, 1, 1) if len(shape) == 4 and layout == "nchw" else (c,)
     dims = tuple(t.shape)
@@ -338,8 +348,8 @@ def _layernorm_step(op: ChainOp, shape: tuple[int, ...], layout: str, device, dt
             "(LayerNorm2d on NCHW, nn.LayerNorm on NHWC or (B, F)) is supported"
         )
 
-    def t(v):
-        return None if v is None else v.to(device=device, dtype=dtype)
+    def t(v):  # the parameter as it is now (a copy: re-read at every reset)
+        return None if v is None else v.detach().to(device=device, dtype=dtype).clone()
 
     return ("ln", t(p["weight"]), t(p["bias"]), p["eps"])
 
@@ -476,7 +486,12 @@ class InputOp(RuntimeOp):
         elif first or self.prev is None or not self.detect:
             v.buf[: v.rows].copy_(frame.permute(0, 2, 3, 1).reshape(v.rows, c))
             if self.detect:
-                self.prev = frame.contiguous().clone()
+                if self.prev is not None and self.prev.shape == frame.shape:
+                    # in place: a dense step captured in a CUDA graph keeps writing this buffer
+                    # (a tensor allocated during a capture holds nothing until a replay)
+                    self.prev.copy_(frame)
+                else:
+                    self.prev = frame.contiguous().clone()
             v.changed = None
             st.changed_out += v.rows
         else:

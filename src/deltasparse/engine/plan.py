@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .._opset import ACTIVATIONS, KINDS, classify, tensor_args
+from .._opset import ACTIVATIONS, KINDS, classify, is_drop_path, tensor_args
 
 __all__ = ["ChainOp", "PlanOp", "UnsupportedOpError", "build_plan", "trace_model"]
 
@@ -70,7 +70,8 @@ def _sparsity_tracer() -> type[fx.Tracer]:
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, sparsity_layer) or super().is_leaf_module(m, qualname)
+            return (isinstance(m, sparsity_layer) or is_drop_path(m)
+                    or super().is_leaf_module(m, qualname))  # fmt: skip
 
     return _Tracer
 
@@ -213,7 +214,7 @@ def build_plan(gm: fx.GraphModule, *, fallback: str = "error") -> tuple[list[Pla
             chain_start = None
         mod = modules[n.target] if n.op == "call_module" else None
         qual = str(n.target) if n.op == "call_module" else None
-        op = PlanOp(kind, n, [resolve(a) for a in _tensor_inputs(n)], n, mod, qual, params)
+        op = PlanOp(kind, n, [resolve(a) for a in _tensor_inputs(n, kind)], n, mod, qual, params)
         if kind == "input":
             op.inputs = []
         cur = n

@@ -79,9 +79,10 @@ class ExecutedPredictor:
         # row when the changed rows at the first MAC op's inputs exceed ``dense_step``.
         if dense_step == "auto":
             dense_step = default_dense_step(device, cuda_graph)
-        self.dense_step = None if self.graph else dense_step
+        self.dense_step = None if self.graph else dense_step  # (no dense fallback ops here)
         self._lead = leading_ops(self.runtime)
-        self._decide = decision_rows(self.runtime)        # One recorded fx node per stored value (aliases share a value).
+        self._decide = decision_rows(self.runtime)
+        # One recorded fx node per stored value (aliases share a value).
         self._values: list[tuple[str, object]] = []
         seen: set[int] = set()
         for node, v in self.runtime.values.items():

@@ -137,7 +137,7 @@ def _avg_divisor(h, w, ho, wo, a, batch, device) -> torch.Tensor:
 
 def _mul_shape(name: str, ins: list) -> tuple[int, ...]:
     """The product's shape: both maps of one shape, or a map and a per-sample scale (a
-    ``(B, C, 1, 1)`` or ``(B, C)`` value with the map's channels)."""
+    ``(B, C, 1, 1)`` value with the map's channels)."""
     a, b = ins
     if a.shape == b.shape:
         return a.shape

@@ -31,9 +31,9 @@ def _arg(node: fx.Node, i: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
-def _replay_new_kinds(node: fx.Node, x: torch.Tensor, modules: dict, n: int):
+def _replay_new_kinds(node: fx.Node, x: torch.Tensor, modules: dict, n: int, gm=None):
     """Products, permutes, layer norms and upsampling (None: another kind)."""
-    kind, p = classify(node, modules)
+    kind, p = classify(node, modules, gm)
     if kind == "mul":  # a per-sample scale reaches every pixel of its sample
         return x.expand(_meta_shape(node, n))
     if kind == "permute":
@@ -52,9 +52,10 @@ def _replay_new_kinds(node: fx.Node, x: torch.Tensor, modules: dict, n: int):
     return None
 
 
-def _replay_node(node: fx.Node, prev: fx.Node, x: torch.Tensor, modules: dict) -> torch.Tensor:
+def _replay_node(node: fx.Node, prev: fx.Node, x: torch.Tensor, modules: dict,
+                 gm=None) -> torch.Tensor:  # fmt: skip
     n = x.shape[0]
-    y = _replay_new_kinds(node, x, modules, n)
+    y = _replay_new_kinds(node, x, modules, n, gm)
     if y is not None:
         return y
     if node.op == "call_module":
@@ -115,7 +116,7 @@ def _replay_node(node: fx.Node, prev: fx.Node, x: torch.Tensor, modules: dict) -
 def replay_path(consumer: Consumer, x: torch.Tensor, modules: dict) -> torch.Tensor:
     prev = consumer.source
     for node in consumer.path:
-        x = _replay_node(node, prev, x, modules)
+        x = _replay_node(node, prev, x, modules, consumer.graph_module)
         prev = node
     return x
 
