@@ -31,7 +31,8 @@ from torch import fx, nn
 __all__ = ["ACTIVATIONS", "KINDS", "Activation", "Kind", "activation_modules", "classify"]
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
+def node_arg(node: fx.Node, i: int, name: str, default=None):
+    """Argument ``i`` of a call, positional or by keyword ``name``."""
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -182,6 +183,9 @@ def is_drop_path(m: nn.Module) -> bool:
     is a dependency); tracers keep them as leaves, so that their training flag stays a module
     attribute instead of a constant baked into the graph."""
     return type(m).__name__ in DROP_PATH
+
+
+_arg = node_arg
 
 
 def _sparsity_classes():

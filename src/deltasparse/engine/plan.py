@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .._opset import ACTIVATIONS, KINDS, classify, is_drop_path, tensor_args
+from .._opset import ACTIVATIONS, KINDS, classify, is_drop_path, node_arg, tensor_args
 
 __all__ = ["ChainOp", "PlanOp", "UnsupportedOpError", "build_plan", "trace_model"]
 
@@ -104,10 +104,7 @@ def trace_model(model: nn.Module, tracer: type[fx.Tracer] | None = None) -> fx.G
     return gm
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+_arg = node_arg  # (runtime.py reads pooling arguments with it)
 
 
 def _pair(v) -> tuple[int, int]:

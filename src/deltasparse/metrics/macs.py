@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._graph import Consumer
-from .._opset import classify
+from .._opset import classify, node_arg
 from ..engine.kernels.geometry import upsample_sources
 
 __all__ = ["consumer_macs", "replay_path"]
@@ -25,10 +25,7 @@ def _meta_shape(node: fx.Node, batch: int) -> tuple[int, ...]:
     return (batch, *tuple(meta.shape)[1:])
 
 
-def _arg(node: fx.Node, i: int, name: str, default):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+_arg = node_arg
 
 
 def _replay_new_kinds(node: fx.Node, x: torch.Tensor, modules: dict, n: int, gm=None):
