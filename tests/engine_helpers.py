@@ -154,6 +154,18 @@ def compare_rel(engine, rec: DenseRecorder, frame) -> tuple[float, int, int]:
     return (err / scale if scale > 0 else err), diff, total
 
 
+def assert_streams_like_dense(engine, rec: DenseRecorder, frames, tol: float,
+                              relative: bool = False) -> None:  # fmt: skip
+    """Every frame's logit error within ``tol`` (relative to the largest dense logit with
+    ``relative``), and at most 1e-4 of the quantised activations differing over the stream."""
+    diffs = total = 0
+    for f in frames:
+        err, d, total = (compare_rel if relative else compare)(engine, rec, f)
+        assert err <= tol
+        diffs += d
+    assert diffs <= 1e-4 * total * len(frames)
+
+
 ALWAYS_SPARSE = dict.fromkeys(OP_KINDS, 1.0)
 
 

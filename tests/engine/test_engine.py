@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import AllOps, DenseRecorder, GlobalPoolNet, compare, converted
+from engine_helpers import (
+    AllOps,
+    DenseRecorder,
+    GlobalPoolNet,
+    assert_streams_like_dense,
+    compare,
+    converted,
+)
 from torch import nn
 
 import deltasparse as ds
@@ -20,13 +27,7 @@ def test_all_ops_match_dense(granularity, crossover, backend):
     frames = list(synthetic_stream(40, SHAPE, noise=0.02, seed=1))
     gm = converted(AllOps(), frames[0], granularity=granularity, thr=0.15)
     eng = DeltaEngine(gm, backend, crossover=crossover)
-    rec = DenseRecorder(gm)
-    diffs = 0
-    for f in frames:
-        err, d, total = compare(eng, rec, f)
-        assert err <= 1e-4
-        diffs += d
-    assert diffs <= 1e-4 * total * len(frames)
+    assert_streams_like_dense(eng, DenseRecorder(gm), frames, 1e-4)
     st = eng.stats
     assert 0 < st.effective_macs < st.dense_macs  # it skipped work
     kinds = {layer["kind"] for layer in st.layers}

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import DenseRecorder, LayerNorm2d, ModernOps, compare_rel, converted
+from engine_helpers import (
+    DenseRecorder,
+    LayerNorm2d,
+    ModernOps,
+    assert_streams_like_dense,
+    compare_rel,
+    converted,
+)
 from torch import nn
 
 import deltasparse as ds
@@ -35,13 +42,7 @@ def test_modern_ops_match_dense(granularity, backend):
     frames = _frames(30, seed=1)
     gm = _modern(frames, granularity)
     eng = DeltaEngine(gm, backend)
-    rec = DenseRecorder(gm)
-    diffs = total = 0
-    for f in frames:
-        err, d, total = compare_rel(eng, rec, f)
-        assert err <= 1e-5
-        diffs += d
-    assert diffs <= 1e-4 * total * len(frames)
+    assert_streams_like_dense(eng, DenseRecorder(gm), frames, 1e-5, relative=True)
     st = eng.stats
     assert 0 < st.effective_macs < st.dense_macs  # it skipped work
     kinds = {layer["kind"] for layer in st.layers}
@@ -310,14 +311,8 @@ def test_modern_ops_on_the_gpu_match_dense_every_frame():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         eng = DeltaEngine(gm, dense_step=None)  # the per-op driver (noise: dense steps else)
-        rec = DenseRecorder(gm)
-        diffs = total = 0
-        for f in frames:
-            err, d, total = compare_rel(eng, rec, f)
-            assert err <= 1e-4
-            diffs += d
+        assert_streams_like_dense(eng, DenseRecorder(gm), frames, 1e-4, relative=True)
     torch.backends.cudnn.allow_tf32 = tf32
-    assert diffs <= 1e-4 * total * len(frames)
     assert eng.stats.effective_macs < eng.stats.dense_macs
     if eng.backend.name == "triton":
         assert any("CUDA-graph" in r for r in eng.stats.fallbacks)
@@ -498,28 +493,19 @@ def test_training_mode_dropout_and_drop_path_are_refused_or_followed():
 
 
 def test_channels_last_batch_norm_prelu_and_antialias_are_refused():
-    class BnNhwc(nn.Module):
-        def __init__(self):
+    class OnNhwc(nn.Module):  # ``layer`` on a channels-last tensor: it acts on dim 1 (H)
+        def __init__(self, layer):
             super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+            self.conv, self.layer = nn.Conv2d(3, 6, 1), layer
 
         def forward(self, x):
-            return self.bn(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.layer(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     x = torch.randn(1, 3, 6, 6)
     with pytest.raises(UnsupportedOpError, match="batch norm .* channels-last"):
-        DeltaEngine(BnNhwc().eval(), "torch").step(x)
-
-    class PreluNhwc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.act = nn.Conv2d(3, 6, 1), nn.PReLU(6)
-
-        def forward(self, x):
-            return self.act(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
+        DeltaEngine(OnNhwc(nn.BatchNorm2d(6)).eval(), "torch").step(x)
     with pytest.raises(UnsupportedOpError, match="channels-last tensor they run along H"):
-        DeltaEngine(PreluNhwc().eval(), "torch").step(x)
+        DeltaEngine(OnNhwc(nn.PReLU(6)).eval(), "torch").step(x)
 
     class Aa(nn.Module):
         def forward(self, x):

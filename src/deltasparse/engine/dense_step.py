@@ -40,16 +40,13 @@ def default_dense_step(device: torch.device, cuda_graph: bool) -> float | None:
     return DEFAULT if torch.device(device).type == "cuda" and cuda_graph else None
 
 
-def changed_fraction(values, changes=None) -> float:
-    """Changed rows of ``values`` over their rows (``changes``: name -> rows, else each
-    value's ``changed``; ``None`` counts every row)."""
+def changed_fraction(values) -> float:
+    """Changed rows of ``values`` over their rows (a ``changed`` of ``None`` counts every
+    row)."""
     total = sum(v.rows for v in values)
     if not total:
         return 0.0
-    n = 0
-    for v in values:
-        ch = v.changed if changes is None else changes.get(v.name, v.changed)
-        n += v.rows if ch is None else int(ch.numel())
+    n = sum(v.rows if v.changed is None else int(v.changed.numel()) for v in values)
     return n / total
 
 
@@ -61,12 +58,10 @@ def leading_ops(runtime) -> int:
     return len(runtime.ops)
 
 
-def decision_rows(runtime) -> list:
-    """The values the first MAC op reads: their changed fraction decides a dense step."""
-    lead = leading_ops(runtime)
-    if lead == len(runtime.ops):
-        return []
-    return list(runtime.ops[lead].inputs)
+def decision_rows(runtime, lead: int) -> list:
+    """The values the first MAC op (``runtime.ops[lead]``) reads: their changed fraction
+    decides a dense step."""
+    return [] if lead == len(runtime.ops) else list(runtime.ops[lead].inputs)
 
 
 def _snapshot(stats: list[OpStats]) -> list[dict]:
@@ -94,11 +89,12 @@ class DenseStep:
         self._delta: list[dict] | None = None
         self.steps = 0
         self.lead = leading_ops(runtime)  # the decision is taken before op ``lead`` runs
-        self.decide = decision_rows(runtime)
+        self.decide = decision_rows(runtime, self.lead)
 
     def snapshot(self) -> list[dict]:
-        """The ops' counts now (to undo the leading ops' if the step turns dense)."""
-        return _snapshot(self._stats())
+        """The counts of the input and the leading ops now: the ops that run before the
+        decision (undone if the step turns dense; a few ops, on every step)."""
+        return _snapshot(self._stats()[: 1 + self.lead])
 
     def _stats(self) -> list[OpStats]:
         return [self.rt.input_op.stats] + [o.stats for o in self.rt.ops]
@@ -113,7 +109,7 @@ class DenseStep:
         that already ran on this frame, counted again by the pass)."""
         stats = self._stats()
         if undo is not None:
-            _restore(stats, undo)
+            _restore(stats[: len(undo)], undo)
         self.frame.copy_(frame)
         if self.frame.device.type != "cuda":  # no graph to capture: the pass runs eagerly
             self._body()

@@ -638,13 +638,19 @@ class SampleOp(RuntimeOp):
         return self.backend.gpool_commit(self.inputs[0], rows, self.out, self.chain, first)
 
 
+def _rows_of_both(op: RuntimeOp, rows):
+    """The stored rows ``rows`` (``None``: all) of an op's two inputs of one shape."""
+    a, b = (v.buf for v in op.inputs)
+    if rows is None:
+        p = op.out.rows
+        return a[:p], b[:p]
+    return a.index_select(0, rows), b.index_select(0, rows)
+
+
 class AddOp(RuntimeOp):
     def compute(self, rows):
-        a, b = (v.buf for v in self.inputs)
-        if rows is None:
-            p = self.out.rows
-            return a[:p] + b[:p]
-        return a.index_select(0, rows) + b.index_select(0, rows)
+        a, b = _rows_of_both(self, rows)
+        return a + b
 
 
 class MulOp(RuntimeOp):
@@ -673,11 +679,8 @@ class MulOp(RuntimeOp):
 
     def compute(self, rows):
         if self.scale is None:
-            a, b = (v.buf for v in self.inputs)
-            if rows is None:
-                p = self.out.rows
-                return a[:p] * b[:p]
-            return a.index_select(0, rows) * b.index_select(0, rows)
+            a, b = _rows_of_both(self, rows)
+            return a * b
         s = self.inputs[self.scale].buf
         m = self.inputs[1 - self.scale].buf
         if rows is None:

@@ -81,7 +81,7 @@ class ExecutedPredictor:
             dense_step = default_dense_step(device, cuda_graph)
         self.dense_step = None if self.graph else dense_step  # (no dense fallback ops here)
         self._lead = leading_ops(self.runtime)
-        self._decide = decision_rows(self.runtime)
+        self._decide = decision_rows(self.runtime, self._lead)
         # One recorded fx node per stored value (aliases share a value).
         self._values: list[tuple[str, object]] = []
         seen: set[int] = set()
