@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, the engine benchmark, the training smoke run.
 # Usage (on the GPU machine, repo root): OUT=/some/dir bash bench/gpu/run_all.sh [steps]
-# steps: any of env tests bench smoke zoo (default: all but zoo). Results land in $OUT.
+# steps: any of env tests bench smoke zoo half (default: all but zoo and half). Results land in $OUT.
+# half: the half-precision GPU tests (and test_gpu.py), then bench/engine_gpu_half.py (HALF_ARGS).
 # zoo: the new-op GPU tests, the torchvision registry sweep and bench/zoo_sweep.py (needs the
 # av wheel on PYTHONPATH for compressed footage, see the device README).
 set -u
@@ -28,6 +29,11 @@ for s in $STEPS; do
         tests/test_models.py 2>&1 | tee "$OUT/gpu_zoo_tests.log" | tail -5
       timeout "${ZOO_TIMEOUT:-300}" python3 bench/zoo_sweep.py --out "$OUT/zoo_sweep.json" 2> "$OUT/zoo.log"
       timeout 70 python3 bench/gpu/dense_step_profile.py --out "$OUT/dense_step_profile.json" | tail -4 ;;
+    half)
+      timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_half.py \
+        tests/engine/test_gpu.py 2>&1 | tee "$OUT/gpu_half_tests.log" | tail -25
+      timeout "${HALF_TIMEOUT:-300}" python3 bench/engine_gpu_half.py ${HALF_ARGS:-} \
+        --out "$OUT/engine_gpu_half.json" 2>&1 | tee "$OUT/half.log" | tail -40 ;;
     smoke)
       rm -rf /tmp/gpu_smoke
       t1=$(date +%s.%N)

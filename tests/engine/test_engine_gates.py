@@ -187,7 +187,10 @@ def test_engine_fuses_the_input_gate_on_cpp():
 def test_cpp_sparse_and_dense_paths_store_the_same_state(gate, mode):
     """The C++ backend's sparse path (every op on its changed rows) and its dense path (every
     op on every row: oneDNN convs, the fused global pooling over all samples) hold the same
-    state bit for bit on every frame: the engine's output does not depend on the route."""
+    state on every frame: the engine's output does not depend on the route. Bit for bit
+    behind grid quantisers; a hysteresis gate sends its input unrounded, so there the two
+    routes' float sums show: oneDNN's convolution and MKL's GEMM sum in the same order on
+    Intel CPUs (equal), not on AMD EPYC (1 ulp apart, measured)."""
     from engine_helpers import ALWAYS_SPARSE, GlobalPoolNet, converted
 
     from deltasparse.engine.kernels import CppBackend
@@ -206,9 +209,12 @@ def test_cpp_sparse_and_dense_paths_store_the_same_state(gate, mode):
             f = f.clone()
             f[t % 3, :, 2:6, 3:7] += 0.2 * torch.rand(3, 4, 4, generator=g)  # one stream moves
         ys, yd = sparse.step(f), dense.step(f)
-        assert torch.equal(ys, yd)
         vs, vd = sparse.values(), dense.values()
         assert vs.keys() == vd.keys()
-        for k in vs:
-            assert torch.equal(vs[k], vd[k]), (t, k)
+        for k, (a, b) in {"output": (ys, yd), **{k: (vs[k], vd[k]) for k in vs}}.items():
+            if mode == "grid":
+                assert torch.equal(a, b), (t, k)
+            else:  # float rounding of the values sent (1e-6 of the largest)
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * float(b.abs().max()) + 1e-12,
+                                           msg=f"frame {t}, {k}")  # fmt: skip
     assert sparse.stats.effective_macs < dense.stats.effective_macs  # the sparse route skipped

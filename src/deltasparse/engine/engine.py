@@ -100,10 +100,10 @@ class DeltaEngine:
         p = next(iter(self._gm.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.dtype = p.dtype if p is not None else torch.float32
-        if self.dtype not in (torch.float32, torch.float64):
+        if self.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise TypeError(
-                f"DeltaEngine runs float32 (or float64) models, got {self.dtype}; call "
-                "model.float()"
+                f"DeltaEngine runs float32, float64, bfloat16 or float16 models, got "
+                f"{self.dtype}; call model.float()"
             )
         self.backend = self._resolve_backend(backend)
         self.crossover = {**self.backend.crossover, **(crossover or {})}

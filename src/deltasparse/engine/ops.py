@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .._opset import ACTIVATION_BY_NAME
 from .kernels import Backend, ConvSpec, LinearSpec, PoolSpec
+from .kernels.base import HALF, opmath
 from .kernels.geometry import reached_samples
 from .plan import ChainOp, UnsupportedOpError
 
@@ -174,6 +175,10 @@ class Chain:
     def __init__(self, ops: list[ChainOp], out_shape: tuple[int, ...], device, dtype,
                  layout: str = "nchw") -> None:  # fmt: skip
         self.steps: list[tuple] = []
+        # the state's dtype; the steps' constants are in the dtype they compute in (float32
+        # for a half-precision state, whose chain runs in float32, rounded after each step)
+        self.dtype = dtype
+        dtype = opmath(dtype)
         spatial = len(out_shape) == 4
         hw = out_shape[2] * out_shape[3] if spatial else 1
         self.hw = hw
@@ -282,38 +287,46 @@ class Chain:
     def __call__(self, z: torch.Tensor, rows: torch.Tensor | None, batch: int,
                  buf: torch.Tensor | None = None) -> None:  # fmt: skip
         """Apply the chain in place to ``z`` (the new values of ``rows``, or of all rows);
-        ``buf`` is the op's stored state, read by hysteresis gates (zeros before a stream)."""
+        ``buf`` is the op's stored state, read by hysteresis gates (zeros before a stream).
+        A float32 ``z`` of a half-precision chain is rounded to its dtype after each step."""
+        rounds = self.dtype in HALF and z.dtype != self.dtype
         for step in self.steps:
-            if step[0] == "clamp":
-                z.clamp_(step[1], step[2])
-            elif step[0] == "affine":
-                z.mul_(step[1]).add_(step[2])
-            elif step[0] == "act":
-                z.copy_(step[1](z, step[2]))
-            elif step[0] == "ln":
-                z.copy_(F.layer_norm(z, (z.shape[1],), step[1], step[2], step[3]))
-            elif step[0] == "quant":
-                thr = step[1]
-                if step[2]:
-                    if rows is None:
-                        zz = z.view(batch, self.hw, -1)
-                        zz.div_(thr).round_().mul_(thr)
-                        continue
-                    thr = thr.index_select(0, rows % self.hw)
-                # quantize(): round(a / thr) * thr, round half to even, in the engine's dtype
-                # on every backend (the Triton kernels too); a float64 engine can thus differ
-                # from DeltaActivation, which rounds in float32, by a flip at a boundary.
-                z.div_(thr).round_().mul_(thr)
-            else:  # hysteresis_step(): send where |a - ref| > thr (float32), else keep ref
-                if buf is None:
-                    raise AssertionError("a hysteresis gate needs the stored values")
-                n = z.shape[0]
-                old = buf[:n] if rows is None else buf.index_select(0, rows)
-                thr = self._row_thr(step[1], step[2], rows, n, batch)
-                send = (z.float() - old.float()).abs() > thr
-                if step[3]:
-                    send = send.any(1, keepdim=True)
-                torch.where(send, z, old, out=z)
+            self._apply(step, z, rows, batch, buf)
+            if rounds:
+                z.copy_(z.to(self.dtype))
+
+    def _apply(self, step: tuple, z: torch.Tensor, rows, batch: int, buf) -> None:
+        if step[0] == "clamp":
+            z.clamp_(step[1], step[2])
+        elif step[0] == "affine":
+            z.mul_(step[1]).add_(step[2])
+        elif step[0] == "act":
+            z.copy_(step[1](z, step[2]))
+        elif step[0] == "ln":
+            z.copy_(F.layer_norm(z, (z.shape[1],), step[1], step[2], step[3]))
+        elif step[0] == "quant":
+            thr = step[1]
+            if step[2]:
+                if rows is None:
+                    zz = z.view(batch, self.hw, -1)
+                    zz.div_(thr).round_().mul_(thr)
+                    return
+                thr = thr.index_select(0, rows % self.hw)
+            # quantize(): round(a / thr) * thr, round half to even, in the engine's dtype
+            # (float32 for half precision, as DeltaActivation) on every backend (the Triton
+            # kernels too); a float64 engine can thus differ from DeltaActivation, which
+            # rounds in float32, by a flip at a boundary.
+            z.div_(thr).round_().mul_(thr)
+        else:  # hysteresis_step(): send where |a - ref| > thr (float32), else keep ref
+            if buf is None:
+                raise AssertionError("a hysteresis gate needs the stored values")
+            n = z.shape[0]
+            old = buf[:n] if rows is None else buf.index_select(0, rows)
+            thr = self._row_thr(step[1], step[2], rows, n, batch)
+            send = (z.float() - old.float()).abs() > thr
+            if step[3]:
+                send = send.any(1, keepdim=True)
+            torch.where(send, z, old, out=z)
 
 
 def _channel_vector(t: torch.Tensor, shape: tuple[int, ...], layout: str, name: str):
@@ -629,7 +642,7 @@ class SampleOp(RuntimeOp):
         if rows is not None:
             m = m.index_select(0, rows)
         if self.mode == "mean":
-            return m.mean(1)
+            return (m.float() if m.dtype in HALF else m).mean(1)  # finish rounds the mean
         return m.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(m.shape[0], c * h * w)
 
     def compute_commit(self, rows, first):
@@ -714,6 +727,8 @@ class UpsampleOp(RuntimeOp):
         if self.weight is None:
             return g[:, 0]
         w = self.weight if rows is None else self.weight.index_select(0, rows)
+        if g.dtype in HALF:  # in float32 (the weights are); finish rounds the sum
+            g = g.float()
         z = g[:, 0] * w[:, :1]
         for k in range(1, idx.shape[1]):  # the same order on every path: history independent
             z += g[:, k] * w[:, k : k + 1]

@@ -6,6 +6,7 @@ import torch
 from torch import fx, nn
 
 from .kernels import Backend, ConvSpec, GeometryCache, LinearSpec, PoolSpec, WindowGeom
+from .kernels.base import opmath
 from .kernels.geometry import out_size, upsample_size, upsample_sources
 from .ops import (
     AddOp,
@@ -188,6 +189,7 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
     output = None
     dense_bytes = 0
     bsz = int(frame_shape[0])
+    mdt = opmath(dtype)  # what the kernels compute in (float32 for half precision)
 
     def geom(**kw) -> WindowGeom:
         return geoms.get(WindowGeom(device=torch.device(device), **kw))
@@ -235,7 +237,8 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
             bn = _take_bn(chain_ops, nn.BatchNorm2d)
             if bn is not None:
                 w, b = _fold_bn(w, b, bn)
-            w, b = w.to(device, dtype).clone(), None if b is None else b.to(device, dtype).clone()
+            # the bias in the dtype it is added in (float32 for half precision, kernels/base)
+            w, b = w.to(device, dtype).clone(), None if b is None else b.to(device, mdt).clone()
             pad = _conv_padding(m)
             (h, wd), k, s, d = x.hw, m.kernel_size, m.stride, m.dilation
             ho = out_size(h, k[0], s[0], pad[0], d[0])
@@ -268,7 +271,7 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
             if bn is not None:
                 w, b = _fold_bn(w, b, bn)
             w = w.to(device, dtype)
-            spec = LinearSpec(w.t().contiguous(), None if b is None else b.to(device, dtype))
+            spec = LinearSpec(w.t().contiguous(), None if b is None else b.to(device, mdt))
             backend.prepare(spec)
             out_shape = (bsz, m.out_features, *x.shape[2:])
             out = Value(op.out.name, out_shape, device, dtype, layout=x.layout)
@@ -312,7 +315,7 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
                 mode = "max" if kind == "maxpool" else "avg"
                 spec = PoolSpec(g, mode, a["ceil"], a["cip"], a["div"])
                 if mode == "avg":
-                    spec.divisor = _avg_divisor(h, wd, ho, wo, a, bsz, device).to(dtype)
+                    spec.divisor = _avg_divisor(h, wd, ho, wo, a, bsz, device).to(mdt)
                 backend.prepare(spec)
                 out_shape = (bsz, c, ho, wo)
                 out = Value(op.out.name, out_shape, device, dtype)
@@ -387,7 +390,7 @@ def build_runtime(gm: fx.GraphModule, plan: list[PlanOp], alias: dict, frame_sha
             out_shape = (bsz, x.channels, *ohw)
             out = Value(op.out.name, out_shape, device, dtype)
             chain = Chain(chain_ops, out_shape, device, dtype)
-            weight = None if wt.shape[1] == 1 else wt.to(device, dtype)
+            weight = None if wt.shape[1] == 1 else wt.to(device, mdt)
             rop = UpsampleOp(name, "upsample", [x], out, chain, idx=idx.to(device),
                              weight=weight, **kw)  # fmt: skip
         elif op.kind == "fallback":

@@ -25,9 +25,21 @@ import torch
 
 from .specs import ConvSpec, LinearSpec, PoolSpec
 
-__all__ = ["Backend", "OP_KINDS", "no_tf32"]
+__all__ = ["Backend", "HALF", "OP_KINDS", "no_tf32", "opmath"]
 
 OP_KINDS = ("linear", "conv", "depthwise", "pool", "pointwise")
+
+# Half-precision engines (DESIGN.md §4): the state is stored in the model's dtype, every
+# product is accumulated in float32, and each op's result is rounded once to the dtype, as
+# the dense model in that dtype rounds each op's output. A MAC kernel's sum is rounded
+# (without its bias); the bias and each step of the pointwise chain are then computed in
+# float32 and each rounded to the dtype (:meth:`Backend.finish`), on every path and backend.
+HALF = (torch.bfloat16, torch.float16)
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the engine computes in for state of ``dtype`` (float32 for half)."""
+    return torch.float32 if dtype in HALF else dtype
 
 
 class Backend:
@@ -91,6 +103,11 @@ class Backend:
             return contextlib.nullcontext()
         return no_tf32()
 
+    def bias_in_finish(self, dtype: torch.dtype) -> bool:
+        """Whether the MAC kernels leave the bias to :meth:`finish` for state of ``dtype``
+        (half precision always: the bias is added in float32 to the rounded sum)."""
+        return self.defers_bias or dtype in HALF
+
     def finish_reads_only(self, chain, z) -> bool:
         """Whether :meth:`finish` leaves ``z`` untouched for this chain (then ``z`` may be a
         view of another op's state)."""
@@ -104,16 +121,31 @@ class Backend:
                bias: torch.Tensor | None = None):  # fmt: skip
         """Apply the fused pointwise ``chain`` to ``z`` and write it into ``out``'s state.
 
-        ``bias`` is the op's bias, to add here only when the backend ``defers_bias``.
+        ``bias`` is the op's bias, to add here only when :meth:`bias_in_finish`.
         Returns the changed rows (``None`` on the first frame: every row is new).
         """
-        if bias is not None and self.defers_bias:
-            z += bias
-        chain(z, rows, out.batch, out.buf)
+        if out.buf.dtype in HALF:
+            z = self._finish_half(out, rows, z, chain, bias)
+        else:
+            if bias is not None and self.defers_bias:
+                z += bias
+            chain(z, rows, out.batch, out.buf)
         if first:
             out.buf[: out.rows].copy_(z)
             return None
         return self.commit(out.buf, rows, z)
+
+    @staticmethod
+    def _finish_half(out, rows, z, chain, bias) -> torch.Tensor:
+        """The half-precision epilogue: ``z`` (the kernel's sum, in any float dtype) rounded
+        to the state's dtype, then bias and chain in float32, each rounded (see ``HALF``)."""
+        dt = out.buf.dtype
+        zf = z.to(dt).float()
+        if bias is not None:
+            zf += bias
+            zf = zf.to(dt).float()
+        chain(zf, rows, out.batch, out.buf)  # rounds after each step (Chain.dtype is half)
+        return zf.to(dt)
 
     def commit(
         self, buf: torch.Tensor, rows: torch.Tensor | None, z: torch.Tensor
@@ -141,11 +173,16 @@ class Backend:
 
 @contextlib.contextmanager
 def no_tf32():
-    """float32 proper in cuDNN and cuBLAS inside the block (TF32 off), restored after."""
+    """float32 proper in cuDNN and cuBLAS inside the block (TF32 off, and half-precision
+    GEMMs reduce in float32, as the engine's kernels do), restored after."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
+    before = (cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction,
+              matmul.allow_fp16_reduced_precision_reduction)  # fmt: skip
     cudnn.allow_tf32 = matmul.allow_tf32 = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        (cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction,
+         matmul.allow_fp16_reduced_precision_reduction) = before  # fmt: skip

@@ -33,8 +33,11 @@ class ReferenceBackend(Backend):
     sparse = False
     crossover = {}
 
+    def _bias(self, x: torch.Tensor, spec):
+        return None if self.bias_in_finish(x.dtype) else spec.bias
+
     def linear(self, x: torch.Tensor, spec: LinearSpec, rows: torch.Tensor | None):
-        y = F.linear(x[:-1], spec.wt.t(), spec.bias)
+        y = F.linear(x[:-1], spec.wt.t(), self._bias(x, spec))
         return y if rows is None else y.index_select(0, rows)
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
@@ -42,7 +45,7 @@ class ReferenceBackend(Backend):
         y = F.conv2d(
             _nchw(x, g.batch, g.in_hw),
             spec.weight.contiguous(),
-            spec.bias,
+            self._bias(x, spec),
             g.stride,
             g.padding,
             g.dilation,

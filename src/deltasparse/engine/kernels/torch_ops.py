@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend
+from .base import HALF, Backend, opmath
 from .specs import ConvSpec, LinearSpec, PoolSpec
 
 __all__ = ["CppBackend", "TorchBackend", "dense_conv", "dense_pool", "nchw_view"]
@@ -101,7 +101,7 @@ class TorchBackend(Backend):
         return n
 
     def linear(self, x: torch.Tensor, spec: LinearSpec, rows: torch.Tensor | None):
-        bias = None if self.defers_bias else spec.bias
+        bias = None if self.bias_in_finish(x.dtype) else spec.bias
         w4 = spec.extra.get("w1x1")
         p = x.shape[0] - 1
         n = p if rows is None else int(rows.numel())
@@ -122,7 +122,7 @@ class TorchBackend(Backend):
         return y.permute(0, 2, 3, 1).reshape(m, -1)[:n]
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
-        with_bias = spec.bias is not None and not self.defers_bias
+        with_bias = spec.bias is not None and not self.bias_in_finish(x.dtype)
         if rows is None:
             return dense_conv(x, spec, with_bias)
         n = rows.numel()
@@ -140,17 +140,20 @@ class TorchBackend(Backend):
         return y
 
     def depthwise(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
-        with_bias = spec.bias is not None and not self.defers_bias
+        with_bias = spec.bias is not None and not self.bias_in_finish(x.dtype)
         if rows is None:
             return dense_conv(x, spec, with_bias)
         n = rows.numel()
         taps = spec.geom.taps.index_select(0, rows)  # (n, k2)
-        y = x.new_zeros(n, spec.out_ch)
+        half = x.dtype in HALF  # the taps summed in float32 (finish rounds the sum)
+        y = x.new_zeros(n, spec.out_ch, dtype=opmath(x.dtype))
         if with_bias:
             y += spec.bias
+        w = spec.w_taps.float() if half else spec.w_taps
         # One tap at a time keeps the temporaries at (n, C) instead of (n, k2, C).
         for j in range(spec.geom.k2):
-            y.addcmul_(x.index_select(0, taps[:, j]), spec.w_taps[j])
+            t = x.index_select(0, taps[:, j])
+            y.addcmul_(t.float() if half else t, w[j])
         return y
 
     def pool(self, x: torch.Tensor, spec: PoolSpec, rows: torch.Tensor | None):
@@ -162,6 +165,8 @@ class TorchBackend(Backend):
             if not bool(valid.all()):
                 g = g.masked_fill(~valid.unsqueeze(-1), float("-inf"))
             return g.amax(1)
+        if x.dtype in HALF:  # summed in float32 (finish rounds the mean once)
+            g = g.float()
         return g.sum(1) / spec.divisor.index_select(0, rows)
 
 
@@ -322,7 +327,7 @@ class CppBackend(TorchBackend):
         return None if first else changed
 
     def finish(self, out, rows, z, chain, first, bias=None):
-        if z.dtype != torch.float32 or not z.is_contiguous():
+        if z.dtype != torch.float32 or out.buf.dtype != torch.float32 or not z.is_contiguous():
             return super().finish(out, rows, z, chain, first, bias)
         params = chain.fused
         if params is None:

@@ -9,7 +9,8 @@ arXiv 2107.07305) on NVIDIA GPUs with Triton kernels (:mod:`.triton_kernels`):
 
 Dense calls (``rows is None``) and the other kinds (grouped convs, pooling) use the inherited
 torch ops (cuDNN / cuBLAS). float32 GEMMs run in IEEE float32 (``precision="ieee"``, never
-TF32), so results match the other backends to float rounding.
+TF32), so results match the other backends to float rounding; bfloat16 and float16 GEMMs run
+on the tensor cores with float32 accumulation, each op's result rounded once (``HALF``).
 
 Called through the engine's per-op driver, these kernels still pay one host synchronisation
 per op (the engine reads row counts on the host). :meth:`TritonBackend.graph_step` removes
@@ -28,6 +29,7 @@ import logging
 
 import torch
 
+from .base import HALF
 from .specs import ConvSpec, LinearSpec
 from .torch_ops import TorchBackend
 
@@ -141,7 +143,8 @@ def launch_rows_gemm(x, wt, bias, idx, y, *, n_rows=0, cnt=None, mo=None,
         x, wt, x if bias is None else bias, idx, x if cnt is None else cnt, n_rows, y,
         x if mo is None else mo, s[0], s[1], s[2], s[3], k, n, chain.hw,
         HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, PREC=precision, BM=bm, BN=bn, BK=bk, num_warps=nw, **chain.kw(),
+        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, num_warps=nw,
+        **chain.kw(),
     )  # fmt: skip
 
 
@@ -169,7 +172,8 @@ def launch_taps_gemm(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
         chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
         PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
         HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, PREC=precision, BM=bm, BN=bn, BK=bk, num_warps=nw, **chain.kw(),
+        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, num_warps=nw,
+        **chain.kw(),
     )  # fmt: skip
 
 
@@ -194,7 +198,7 @@ def launch_depthwise(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
         chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
         PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
         HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, BM=bm, BC=bc, num_warps=nw, **chain.kw(),
+        IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BC=bc, num_warps=nw, **chain.kw(),
     )  # fmt: skip
 
 
@@ -236,17 +240,17 @@ class TritonBackend(TorchBackend):
 
     # -- sparse kernels ---------------------------------------------------------------------
     def linear(self, x: torch.Tensor, spec: LinearSpec, rows: torch.Tensor | None):
-        if rows is None or not x.is_cuda or x.dtype not in (torch.float32, torch.float64):
+        if rows is None or not x.is_cuda:
             return super().linear(x, spec, rows)
         n = int(rows.numel())
         y = x.new_empty(n, spec.out_ch)
         if n:
-            launch_rows_gemm(x, spec.wt, self._bias(spec), rows, y, n_rows=n,
+            launch_rows_gemm(x, spec.wt, self._bias(spec, x), rows, y, n_rows=n,
                              precision=self.precision)  # fmt: skip
         return y
 
-    def _bias(self, spec):
-        return None if self.defers_bias else spec.bias
+    def _bias(self, spec, x):
+        return None if self.bias_in_finish(x.dtype) else spec.bias
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
         if rows is None or spec.groups != 1 or not x.is_cuda:
@@ -255,7 +259,7 @@ class TritonBackend(TorchBackend):
         y = x.new_empty(n, spec.out_ch)
         if n:
             launch_taps_gemm(x, spec, rows, y, n_rows=n, precision=self.precision,
-                             bias=self._bias(spec))  # fmt: skip
+                             bias=self._bias(spec, x))  # fmt: skip
         return y
 
     def depthwise(self, x: torch.Tensor, spec: ConvSpec, rows: torch.Tensor | None):
@@ -264,7 +268,7 @@ class TritonBackend(TorchBackend):
         n = int(rows.numel())
         y = x.new_empty(n, spec.out_ch)
         if n:
-            launch_depthwise(x, spec, rows, y, n_rows=n, bias=self._bias(spec))
+            launch_depthwise(x, spec, rows, y, n_rows=n, bias=self._bias(spec, x))
         return y
 
     # -- whole-step capture -----------------------------------------------------------------

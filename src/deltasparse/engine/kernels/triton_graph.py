@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .base import HALF, opmath
 from .triton_gpu import (
     ChainArgs,
     _cdiv,
@@ -68,7 +69,7 @@ def decline_reason(runtime) -> str | None:
     from ..ops import ConvOp, LinearOp, SampleOp
 
     dtype = runtime.input_op.out.buf.dtype
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in (torch.float32, torch.float64, *HALF):
         return f"dtype {dtype}"
     for op in runtime.ops:
         if isinstance(op, ConvOp):
@@ -83,8 +84,10 @@ def decline_reason(runtime) -> str | None:
 
 
 def chain_args(chain, dtype, device) -> ChainArgs:
-    """An ops.Chain as kernel arguments (raises NotImplementedError for unknown steps)."""
+    """An ops.Chain as kernel arguments (raises NotImplementedError for unknown steps); the
+    constants in the dtype the kernels compute in (float32 for half precision)."""
     tk = _kernels()
+    dtype = opmath(dtype)
     steps: list[tuple[int, torch.Tensor]] = []
     for step in chain.steps:
         if step[0] == "clamp":
@@ -132,8 +135,6 @@ class GraphStep:
         dev = backend.device
         inp = runtime.input_op.out
         self.dtype = inp.buf.dtype
-        if self.dtype not in (torch.float32, torch.float64):
-            raise NotImplementedError(f"dtype {self.dtype}")
         ops = runtime.ops
         # One mask per value state (aliases share their state, hence their mask).
         offsets: dict[int, tuple[int, int]] = {}
@@ -250,7 +251,8 @@ class GraphStep:
         self._launches.append(
             lambda: tk.gpool_kernel[grid](
                 x.buf, mi, out.buf, mo, cnt, act, s[0], s[1], s[2], s[3], hw, c,
-                IS_F64=self.dtype == torch.float64, BR=128, BC=bc, num_warps=4, **chain.kw(),
+                IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BR=128, BC=bc,
+                num_warps=4, **chain.kw(),
             )  # fmt: skip
         )
 

@@ -66,15 +66,37 @@ def _chain_step(z, p, KIND: tl.constexpr, rows, offs_n, n_ok, N, HW, IS_F64: tl.
 
 
 @triton.jit
+def _round(z, KIND: tl.constexpr, out_ty: tl.constexpr, HALF: tl.constexpr):
+    """A half-precision engine rounds each op's result to its dtype (kernels/base.py HALF)."""
+    if HALF and KIND != 0:
+        z = z.to(out_ty).to(tl.float32)
+    return z
+
+
+@triton.jit
+def _sum_bias(acc, b_ptr, offs_n, n_ok, out_ty: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HALF: tl.constexpr):  # fmt: skip
+    """The op's sum (float32 for half: rounded to the dtype first), plus its bias (rounded)."""
+    acc = _round(acc, 1, out_ty, HALF)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+        acc = _round(acc, 1, out_ty, HALF)
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
               s0, s1, s2, s3, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-              K3: tl.constexpr, FUSE: tl.constexpr, IS_F64: tl.constexpr):  # fmt: skip
+              K3: tl.constexpr, FUSE: tl.constexpr, IS_F64: tl.constexpr,
+              HALF: tl.constexpr):  # fmt: skip
     ok2 = m_ok[:, None] & n_ok[None, :]
+    out_ty = y_ptr.dtype.element_ty
     if FUSE:
-        acc = _chain_step(acc, s0, K0, rows, offs_n, n_ok, N, HW, IS_F64)
-        acc = _chain_step(acc, s1, K1, rows, offs_n, n_ok, N, HW, IS_F64)
-        acc = _chain_step(acc, s2, K2, rows, offs_n, n_ok, N, HW, IS_F64)
-        acc = _chain_step(acc, s3, K3, rows, offs_n, n_ok, N, HW, IS_F64)
+        acc = _round(_chain_step(acc, s0, K0, rows, offs_n, n_ok, N, HW, IS_F64), K0, out_ty, HALF)
+        acc = _round(_chain_step(acc, s1, K1, rows, offs_n, n_ok, N, HW, IS_F64), K1, out_ty, HALF)
+        acc = _round(_chain_step(acc, s2, K2, rows, offs_n, n_ok, N, HW, IS_F64), K2, out_ty, HALF)
+        acc = _round(_chain_step(acc, s3, K3, rows, offs_n, n_ok, N, HW, IS_F64), K3, out_ty, HALF)
+        acc = acc.to(out_ty)
         rows64 = rows.to(tl.int64)
         yp = y_ptr + rows64[:, None] * N + offs_n[None, :]
         old = tl.load(yp, mask=ok2, other=0.0)
@@ -85,7 +107,7 @@ def _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
         tl.store(mo_ptr + rows64, ch.to(tl.int8), mask=m_ok & (ch > 0))
     else:
         yp = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(yp, acc, mask=ok2)
+        tl.store(yp, acc.to(out_ty), mask=ok2)
 
 
 @triton.jit
@@ -94,7 +116,7 @@ def rows_gemm_kernel(
     s0, s1, s2, s3, K, N, HW,
     HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, PREC: tl.constexpr,
+    IS_F64: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """``y[rows] = x[rows] @ w (+ bias)``: a ``Linear`` / 1x1 conv on the listed rows."""
@@ -114,7 +136,10 @@ def rows_gemm_kernel(
         rows64 = rows.to(tl.int64)
         offs_n = pn * BN + tl.arange(0, BN)
         n_ok = offs_n < N
-        acc = tl.zeros((BM, BN), dtype=x_ptr.dtype.element_ty)
+        if IS_F64:
+            acc = tl.zeros((BM, BN), dtype=tl.float64)
+        else:  # float32, and half precision accumulated in float32
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < K
@@ -124,12 +149,13 @@ def rows_gemm_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
             if IS_F64:
                 acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+            elif HALF:
+                acc = tl.dot(a, b, acc)
             else:
                 acc = tl.dot(a, b, acc, input_precision=PREC)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
-                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -140,7 +166,7 @@ def taps_gemm_kernel(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, PREC: tl.constexpr,
+    IS_F64: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """A ``groups == 1`` k x k conv on the listed output rows: implicit im2col -> GEMM.
@@ -166,7 +192,10 @@ def taps_gemm_kernel(
         ox = r - oy * Wo
         offs_n = pn * BN + tl.arange(0, BN)
         n_ok = offs_n < N
-        acc = tl.zeros((BM, BN), dtype=x_ptr.dtype.element_ty)
+        if IS_F64:
+            acc = tl.zeros((BM, BN), dtype=tl.float64)
+        else:  # float32, and half precision accumulated in float32
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
                 iy = oy * SH - PH + ky * DH
@@ -183,12 +212,13 @@ def taps_gemm_kernel(
                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
                     if IS_F64:
                         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+                    elif HALF:
+                        acc = tl.dot(a, b, acc)
                     else:
                         acc = tl.dot(a, b, acc, input_precision=PREC)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
-                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -199,11 +229,12 @@ def depthwise_kernel(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """Depthwise conv on the listed output rows; ``w`` is ``w_taps`` ``(k2, C)``.
 
-    Sums bias + taps in tap order, as the torch backend does.
+    Sums bias + taps in tap order, as the torch backend does (half precision: the taps in
+    float32, rounded, then the bias).
     """
     pid = tl.program_id(0)
     if DYN:
@@ -224,8 +255,11 @@ def depthwise_kernel(
         ox = r - oy * Wo
         offs_c = pc * BC + tl.arange(0, BC)
         c_ok = offs_c < C
-        acc = tl.zeros((BM, BC), dtype=x_ptr.dtype.element_ty)
-        if HAS_BIAS:
+        if IS_F64:
+            acc = tl.zeros((BM, BC), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BM, BC), dtype=tl.float32)
+        if HAS_BIAS and not HALF:
             acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
@@ -236,9 +270,11 @@ def depthwise_kernel(
                 xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
                              mask=ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
                 wv = tl.load(w_ptr + (ky * KW + kx) * C + offs_c, mask=c_ok, other=0.0)
-                acc += xv * wv[None, :]
+                acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+        if HALF:
+            acc = _sum_bias(acc, b_ptr, offs_c, c_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
-                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64)  # fmt: skip
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -313,7 +349,7 @@ def input_commit_kernel(f_ptr, y_ptr, mo_ptr, act_ptr, P, C, HW,
 def gpool_kernel(
     x_ptr, mi_ptr, y_ptr, mo_ptr, cnt_ptr, act_ptr, s0, s1, s2, s3, HWi, C,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    IS_F64: tl.constexpr, HALF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """Global average pooling of the samples that have a changed pixel (grid: B x C-tiles)."""
     b = tl.program_id(0)
@@ -327,17 +363,20 @@ def gpool_kernel(
     if na > 0:
         offs_c = pc * BC + tl.arange(0, BC)
         c_ok = offs_c < C
-        acc = tl.zeros((BR, BC), dtype=x_ptr.dtype.element_ty)
+        if IS_F64:
+            acc = tl.zeros((BR, BC), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BR, BC), dtype=tl.float32)
         for r0 in range(0, HWi, BR):
             offs_r = r0 + tl.arange(0, BR)
             v = tl.load(x_ptr + (base + offs_r)[:, None] * C + offs_c[None, :],
                         mask=(offs_r < HWi)[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
-            acc += v
-        z = (tl.sum(acc, axis=0) / HWi)[None, :]
+            acc += v.to(acc.dtype)
+        z = _round((tl.sum(acc, axis=0) / HWi)[None, :], 1, y_ptr.dtype.element_ty, HALF)
         rows = tl.zeros((1,), dtype=tl.int32) + b
         m_ok = rows == b
         _epilogue(z, rows, rows, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, 1,
-                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64)  # fmt: skip
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
         if pc == 0:
             tl.atomic_add(cnt_ptr, 1)
             tl.atomic_add(act_ptr, na)
