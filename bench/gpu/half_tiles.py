@@ -1,0 +1,106 @@
+"""Tile sweep and kernel profile of the bfloat16 whole-step graph (MobileNet v1, 720p, batch 1).
+
+For each (GEMM, depthwise) tile override (``triton_gpu.TUNE``) a fresh engine is built and its
+CUDA-graph step timed over patch streams of a few change areas (CUDA events, medians); the
+kernel profile (torch.profiler, eager graph bodies) is taken at the default tiles.
+
+    PYTHONPATH=src python3 bench/gpu/half_tiles.py --out $OUT/half_tiles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from engine_gpu import (  # noqa: E402
+    calibrated_mobilenet,
+    log,
+    patch_frames,
+    profile_kernels,
+    smooth_frame,
+    time_steps,
+)
+
+import deltasparse as ds  # noqa: E402
+from deltasparse.engine import DeltaEngine  # noqa: E402
+from deltasparse.engine.kernels import triton_gpu as tg  # noqa: E402
+
+GEMM = [None, (64, 64, 32, 4), (64, 64, 64, 4), (128, 64, 32, 4), (64, 128, 32, 8), (32, 64, 64, 4)]
+DW = [None, (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 32, 4)]
+
+
+def timed(gm, base, streams, reps) -> dict:
+    eng = DeltaEngine(gm, backend="triton")
+    eng.step(base)
+    out = {}
+    for area, fr in streams.items():
+        eng.step(fr[0])
+        st = eng.stats
+        before = (st.effective_macs, st.dense_macs)
+        ts = time_steps(eng.step, fr, reps, warmup=2)
+        st = eng.stats
+        out[str(area)] = {"ms": statistics.median(ts),
+                          "density": (st.effective_macs - before[0]) / (st.dense_macs - before[1])}
+    return out, eng
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", type=int, nargs=2, default=[720, 1280])
+    ap.add_argument("--areas", type=float, nargs="+", default=[0.003, 0.04, 1.0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="half_tiles.json")
+    args = ap.parse_args(argv)
+    dt = getattr(torch, args.dtype)
+    torch.backends.cudnn.benchmark = True
+    model = calibrated_mobilenet()
+    ex = smooth_frame((1, 3, 224, 224), torch.Generator().manual_seed(3))
+    gm = ds.convert(copy.deepcopy(model), ds.DeltaConfig(threshold_init=0.05),
+                    example_input=ex).eval().to("cuda", dt)  # fmt: skip
+    h, w = args.res
+    gen = torch.Generator().manual_seed(7)
+    base = smooth_frame((1, 3, h, w), gen, "cuda").to(dt)
+    streams = {a: patch_frames(base, a, gen) for a in args.areas}
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "dtype": args.dtype,
+           "hw": [h, w], "command": "python3 bench/gpu/half_tiles.py " + " ".join(argv or sys.argv[1:]),
+           "runs": []}  # fmt: skip
+    r, eng = timed(gm, base, streams, args.reps)
+    mid = streams[args.areas[len(args.areas) // 2]]
+    res["profile"] = profile_kernels(eng._graph, mid)
+    res["runs"].append({"gemm": None, "dw": None, "points": r})
+    log("default", r)
+    best_g = None
+    best_ms = r[str(args.areas[len(args.areas) // 2])]["ms"]
+    for g in GEMM[1:]:
+        tg.TUNE.clear()
+        tg.TUNE["gemm"] = g
+        r, _ = timed(gm, base, streams, args.reps)
+        res["runs"].append({"gemm": g, "dw": None, "points": r})
+        log("gemm", g, r)
+        ms = r[str(args.areas[len(args.areas) // 2])]["ms"]
+        if ms < best_ms:
+            best_g, best_ms = g, ms
+    for d in DW[1:]:
+        tg.TUNE.clear()
+        if best_g:
+            tg.TUNE["gemm"] = best_g
+        tg.TUNE["dw"] = d
+        r, _ = timed(gm, base, streams, args.reps)
+        res["runs"].append({"gemm": best_g, "dw": d, "points": r})
+        log("dw", d, r)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
