@@ -170,6 +170,36 @@ def engine_gpu() -> str:
         f"torch {d['torch']}, triton {d.get('triton')}; {d['settings']}; {d['timing']}).")
 
 
+def engine_gpu_half() -> str:
+    """The bfloat16 engine against the best dense bfloat16 model, per resolution and batch."""
+    head = ["res", "batch", "density", "bf16 engine ms", "best dense bf16 ms", "vs best bf16",
+            "fp32 engine ms", "history (max rel.)", "top-1 = dense (one frame)"]  # fmt: skip
+    rows, srcs = [], []
+    for name in ("engine_gpu_half.json", "engine_gpu_half_4k.json"):
+        d = _load(name)
+        srcs.append(_source(d, name))
+        for r in d["runs"]:
+            for p in r["points"]:
+                q, f = p["bfloat16"], p.get("float32", {})
+                if not (0 < q["density"] <= 0.3 or q["density"] >= 0.9):
+                    continue
+                rows.append([
+                    r["resolution"], str(r["batch"]), _pct(q["density"]), _ms(q["ms"], 3),
+                    f"{_ms(q['best_dense_ms'], 3)} ({q['best_dense'].replace('bfloat16_', '')})",
+                    _x(q["speedup_vs_best_dense"]), _ms(f.get("ms"), 3),
+                    f"{q['history_rel_err']:.0e}", _pct(q["top1_agrees_with_dense"], 0),
+                ])  # fmt: skip
+    c = _load("engine_gpu_half_compiled.json")
+    cr = c["runs"][0]
+    ck = next(k for k in cr["dense_ms"] if k.startswith("compiled_"))
+    comp = "; ".join(f"{_pct(p['bfloat16']['density'])}: {_ms(p['bfloat16']['ms'], 3)} ms, "
+                     f"{_x(cr['dense_ms'][ck] / p['bfloat16']['ms'])}" for p in cr["points"])  # fmt: skip
+    return _table(head, rows) + "\n\n" + (
+        f"Against `torch.compile(mode=\"max-autotune\")` in bfloat16 (720p, batch 1, "
+        f"{_ms(cr['dense_ms'][ck], 3)} ms, compiled in {cr['dense_ms']['compile_s']:.0f} s): {comp}."
+        "\n\n" + " ".join(srcs + [_source(c, "engine_gpu_half_compiled.json")]))
+
+
 def train_overhead() -> str:
     name = "train_overhead.json"
     d = _load(name)
@@ -238,6 +268,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
     "engine_gpu": engine_gpu, "train_overhead": train_overhead, "token_engine": token_engine,
     "token_engine_gpu": token_engine_gpu, "folder_recipe": folder_recipe, "zoo_sweep": zoo_sweep,
+    "engine_gpu_half": engine_gpu_half,
 }  # fmt: skip
 
 
