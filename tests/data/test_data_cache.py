@@ -118,3 +118,28 @@ def test_failed_decode_is_remembered(tmp_path):
     assert cache.bad_reason(src)
     with pytest.raises(VideoDecodeError, match="remembered"):
         cache.get(src, lambda p: pytest.fail("decoded a known-bad file"))
+
+
+def test_ast_parse_is_serialised_for_threaded_cache_loads(tmp_path):
+    """np.load parses .npy headers with ast; the cache's loader threads and the main thread
+    must not build ASTs at the same time (python/cpython#106905: a SystemError in a demo)."""
+    import ast
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    import deltasparse.data.cache  # noqa: F401  (installs the wrapper)
+
+    if sys.version_info < (3, 13):
+        assert getattr(ast.parse, "_deltasparse_serialised", False)
+    arrays = [np.full((2, 3, 4, 3), i, dtype=np.uint8) for i in range(8)]
+    paths = []
+    for i, a in enumerate(arrays):
+        p = tmp_path / f"{i}.npy"
+        np.save(p, a)
+        paths.append(p)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda p: np.load(p, mmap_mode="r"), paths * 50))
+    assert all(np.array_equal(x, arrays[i % 8]) for i, x in enumerate(loaded))
+    assert ast.literal_eval("{'shape': (2, 3)}") == {"shape": (2, 3)}

@@ -176,6 +176,19 @@ def test_executed_predictor_follows_a_half_engine():
     assert report.executed_fraction == pytest.approx(executed, rel=1e-9)
 
 
+def test_cpp_half_engine_takes_the_torch_crossovers():
+    """The C++ backend's fused kernels run float32 only (its crossovers are measured on them);
+    a half engine on it runs the torch paths, with the torch backend's crossovers."""
+    from deltasparse.engine.kernels import CppBackend, TorchBackend
+
+    if not CppBackend.available():
+        pytest.skip("the C++ engine op is not available here")
+    gm, _ = _model("gpool")
+    assert DeltaEngine(gm, backend="cpp").crossover == CppBackend.crossover
+    half = DeltaEngine(copy.deepcopy(gm).to(torch.bfloat16), backend="cpp")
+    assert half.crossover == TorchBackend.crossover != CppBackend.crossover
+
+
 # -- GPU: the Triton kernels and the CUDA-graph step in half precision ---------------------
 gpu = pytest.mark.skipif(not has_triton(), reason="needs a CUDA device and triton")
 
@@ -225,3 +238,40 @@ def test_graph_step_is_history_independent_bit_for_bit(dtype):
         assert torch.equal(y, want), (t, float((y.float() - want.float()).abs().max()))
         va, vb = eng.values(), fresh.values()
         assert all(torch.equal(va[k], vb[k]) for k in vb), t
+
+
+class _PaddedPointwise(nn.Module):
+    """A 1x1 conv with padding 1: its border rows have windows all in padding (constants no
+    step recomputes), which the graph step's first recompute must leave to the dense pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(16)
+        self.pad = nn.Conv2d(16, 16, 1, 1, 1)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False)
+        self.b2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.pad(x))
+        x = torch.relu(self.b2(self.dw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_step_keeps_rows_no_input_reaches(dtype):
+    shape = (2, 3, 16, 16)
+    gm = converted(_PaddedPointwise(), torch.rand(shape), thr=0.05)
+    gm = gm.to(device="cuda", dtype=dtype)
+    eng = DeltaEngine(gm, backend="triton")
+    for t, f in enumerate(_frames(6, shape, seed=7)):
+        f = f.to(device="cuda", dtype=dtype)
+        y = eng.step(f)
+        assert eng._graph is not None, eng.stats.fallbacks
+        assert torch.isfinite(y).all()
+        want = DeltaEngine(gm, backend="triton").step(f)
+        assert torch.equal(y, want), t

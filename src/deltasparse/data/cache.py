@@ -15,10 +15,14 @@ killed run never leaves a half-written entry.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import logging
 import os
 import re
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +31,34 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VideoDecodeError
+
+
+def _serialise_ast_parse() -> None:
+    """Let one thread at a time build Python ASTs (``ast.parse``).
+
+    ``np.load`` parses each ``.npy`` header with ``ast.literal_eval``, and the loaders read
+    cache entries from several threads while the main thread parses too (numpy, inspect,
+    matplotlib). CPython before 3.13 keeps the AST constructor's recursion depth in state
+    shared by all threads; a thread switch inside the constructor (a garbage collection
+    running a finalizer) corrupts it, and ``ast.parse`` raises ``SystemError: AST
+    constructor recursion depth mismatch`` (python/cpython#106905; seen here on 3.11.7 in a
+    demo run). The wrapper changes nothing else (a reentrant lock: a finalizer may parse).
+    """
+    if sys.version_info >= (3, 13) or getattr(ast.parse, "_deltasparse_serialised", False):
+        return
+    lock = threading.RLock()
+    parse = ast.parse
+
+    @functools.wraps(parse)
+    def serialised(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    serialised._deltasparse_serialised = True
+    ast.parse = serialised
+
+
+_serialise_ast_parse()
 
 logger = logging.getLogger(__name__)
 

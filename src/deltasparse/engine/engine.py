@@ -106,7 +106,7 @@ class DeltaEngine:
                 f"{self.dtype}; call model.float()"
             )
         self.backend = self._resolve_backend(backend)
-        self.crossover = {**self.backend.crossover, **(crossover or {})}
+        self.crossover = {**self.backend.crossover_for(self.dtype), **(crossover or {})}
         self._geoms = GeometryCache()
         self._runtime: Runtime | None = None
         self._frames = 0

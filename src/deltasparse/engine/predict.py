@@ -62,7 +62,7 @@ class ExecutedPredictor:
             p.device if p is not None else torch.device("cpu"))
         dtype = p.dtype if p is not None else torch.float32
         self.backend = get_backend(backend, device)
-        self.crossover = {**self.backend.crossover, **(crossover or {})}
+        self.crossover = {**self.backend.crossover_for(dtype), **(crossover or {})}
         self.gm = gm
         self.runtime = build_runtime(gm, plan, alias, tuple(frame_shape), backend=self.backend,
                                      crossover=self.crossover, device=device, dtype=dtype,

@@ -58,7 +58,7 @@ def _fold_bn(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module):
     b0 = b.detach().double() if b is not None else torch.zeros_like(s)
     w2 = w.detach().double() * s.reshape(-1, *([1] * (w.dim() - 1)))
     b2 = (b0 - bn.running_mean.detach().double()) * s + shift
-    return w2.to(w.dtype), b2.to(w.dtype)
+    return w2.to(w.dtype), b2.to(opmath(w.dtype))  # the bias in the dtype it is added in
 
 
 def _take_bn(chain: list, cls) -> nn.Module | None:

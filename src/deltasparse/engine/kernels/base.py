@@ -90,6 +90,11 @@ class Backend:
         """Global average pooling of the samples ``rows`` of the Value ``x``."""
         return NotImplemented
 
+    def crossover_for(self, dtype: torch.dtype) -> dict[str, float]:
+        """The crossovers for state of ``dtype`` (a backend whose fast kernels take one dtype
+        measured its crossovers on those)."""
+        return self.crossover
+
     def rows_computed(self, kernel: str, n: int, total: int, macs_per_row: int = 0) -> int:
         """Rows a kernel really computes when asked for ``n`` of ``total`` (for the stats)."""
         return n

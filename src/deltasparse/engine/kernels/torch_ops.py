@@ -213,6 +213,10 @@ class CppBackend(TorchBackend):
 
     _float32 = True  # the engine's dtype (prepare): other dtypes take the inherited paths
 
+    def crossover_for(self, dtype: torch.dtype) -> dict[str, float]:
+        # the fused C++ kernels run float32 only; other dtypes run the torch paths
+        return self.crossover if dtype == torch.float32 else TorchBackend.crossover
+
     def prepare(self, spec) -> None:
         super().prepare(spec)
         if isinstance(spec, LinearSpec):

@@ -166,6 +166,7 @@ class GraphStep:
             )  # fmt: skip
         )
         nsm = sm_count(dev)
+        self._op_launches: list[int] = []  # the end of each op's launches in _launches
         for i, op in enumerate(ops, start=1):
             cnt, act = self.counts[i, :1], self.counts[i, 1:]
             if isinstance(op, LinearOp):
@@ -176,6 +177,7 @@ class GraphStep:
                 self._add_gpool(op, mask, cnt, act)
             else:
                 raise NotImplementedError(f"{type(op).__name__} {op.kind} '{op.name}'")
+            self._op_launches.append(len(self._launches))
         self.graph: torch.cuda.CUDAGraph | None = None
         self._pending = 0
         self.launches_per_step = 3 + 2 * len(ops)
@@ -187,21 +189,30 @@ class GraphStep:
         sums in other orders than these kernels; a row a later step recomputes and a row it
         keeps would then come from two computations, a quantiser could flip between them,
         and the output would depend on the stream's history. Every state is poisoned with
-        NaN (so that every row compares as changed and every op recomputes all of them)
-        and one step runs; its counts are not kept. Each row is then the same function of
-        the current inputs as any later step computes: history independent bit for bit."""
-        inp = self.rt.input_op.out
-        frame = inp.as_tensor()
-        backup = [buf[:rows].clone() for buf, rows in self._states]
+        NaN (so that every row compares as changed and every op recomputes all of them) and
+        one step runs, op by op; its counts are not kept. Rows no input reaches (an output
+        window all in padding: a constant no step recomputes) stay NaN; each op's are
+        restored from the dense pass before the next op reads them. Each row is then the same
+        function of the current inputs as any later step computes: history independent bit
+        for bit."""
+        frame = self.rt.input_op.out.as_tensor()
+        backup = {id(buf): buf[:rows].clone() for buf, rows in self._states}
         for buf, rows in self._states:
             buf[:rows].fill_(float("nan"))
         self.frame.copy_(frame)
-        self._body()
-        self.totals.zero_()
-        if any(bool(torch.isnan(buf[:rows]).any()) for buf, rows in self._states):
-            for (buf, rows), old in zip(self._states, backup, strict=True):
-                buf[:rows].copy_(old)
-            raise NotImplementedError("rows no input reaches (a recompute left them unset)")
+        self.masks.zero_()
+        self.counts.zero_()
+        start = 0
+        for end, op in zip([1, *self._op_launches], [self.rt.input_op, *self.rt.ops],
+                           strict=True):  # fmt: skip
+            for launch in self._launches[start:end]:
+                launch()
+            start = end
+            buf, rows = op.out.buf, op.out.rows
+            unset = torch.isnan(buf[:rows])
+            if bool(unset.any()):
+                buf[:rows] = torch.where(unset, backup[id(buf)], buf[:rows])
+        self.counts.zero_()
 
     # -- building ---------------------------------------------------------------------------
     def _compact(self, x, out, geom, idx, cnt, act, mask):
