@@ -127,7 +127,24 @@ def test_gpu_bench_rows_carry_the_strongest_dense_baselines():
                     densities=(0.3, 1.0), frames=4, device="cuda")  # fmt: skip
     for row in res["rows"]:
         base = row["dense_baselines_ms"]
-        assert len(base) == 8 and all(v > 0 for v in base.values())
+        assert len(base) == 10 and all(v > 0 for v in base.values())  # 8 + 2 ieee32 graphs
         assert row["best_dense_bf16_ms"] == min(v for k, v in base.items() if "bfloat16" in k)
         assert row["speedup_vs_best_dense_fp32"] == pytest.approx(
             row["best_dense_fp32_ms"] / row["delta_ms"])
+
+
+def test_bench_runs_the_half_precision_engine():
+    """--dtype bfloat16: the model, the frames and the engine in bfloat16, timed against the
+    dense bfloat16 model; the rows say so."""
+    from deltasparse.cli import build_parser
+
+    res = run_bench(models=("convnet",), resolutions=((64, 96),), threads=(1,),
+                    densities=(0.3, 1.0), frames=2, dtype="bfloat16")  # fmt: skip
+    assert res["dtype"] == "bfloat16"
+    for r in res["rows"]:
+        assert r["dtype"] == "bfloat16" and r["delta_ms"] > 0 and r["fused_dense_ms"] > 0
+        assert 0 < r["density"] <= 1.0
+        assert r["top1_agreement"] == 1.0
+    assert build_parser().parse_args(["bench", "--dtype", "float16"]).dtype == "float16"
+    with pytest.raises(ValueError, match="dtype"):
+        run_bench(models=("convnet",), dtype="int8")

@@ -127,7 +127,7 @@ def _density(model, frames, backend: str = "auto") -> float:
 
 def _calibrate(model, hw, target: float, *, frames: int, batch: int, seed: int,
                backend: str = "auto", device: str = "cpu", iters: int = 10,
-               tol: float = 0.05) -> tuple[float, float]:  # fmt: skip
+               tol: float = 0.05, dtype: torch.dtype = torch.float32) -> tuple[float, float]:  # fmt: skip
     """Size of the moving objects giving an effective density near ``target``, measured on
     the very stream that is timed (same seed, batch, frame count and backend).
 
@@ -137,8 +137,8 @@ def _calibrate(model, hw, target: float, *, frames: int, batch: int, seed: int,
     """
 
     def measure(log_size: float) -> float:
-        stream = [f.to(device) for f in _stream(hw, frames + _WARMUP, batch, seed,
-                                                 size=math.exp(log_size))]  # fmt: skip
+        stream = [f.to(device, dtype) for f in _stream(hw, frames + _WARMUP, batch, seed,
+                                                        size=math.exp(log_size))]  # fmt: skip
         return _density(model, stream, backend)
 
     lo, hi = math.log(0.004), math.log(0.6)
@@ -268,8 +268,15 @@ def run_bench(
     checkpoint: str | None = None,
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
+    dtype: str = "float32",
 ) -> dict:
-    """Time dense and delta inference; returns a JSON-able dict with one row per run."""
+    """Time dense and delta inference; returns a JSON-able dict with one row per run.
+
+    ``dtype``: the model's, the frames' and so the engine's (``"bfloat16"`` / ``"float16"``:
+    the half-precision engine, against the dense model in that dtype)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    dt = getattr(torch, dtype)
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device "
                          "cpu")
@@ -286,7 +293,7 @@ def run_bench(
                 skipped.append({"model": name, "reason": str(exc)})
                 log.warning("bench: skipping %s: %s", name, exc)
                 continue
-            model = model.to(device)
+            model = model.to(device, dt)
             base = [t.detach().clone() for t in _thetas(model)]
             for label, hw in res:
                 # Density targets: the moving area of a noise-free stream sets the density
@@ -302,7 +309,8 @@ def run_bench(
                     else:
                         scale_thresholds(model, 1.0, base)
                         size, got = _calibrate(model, hw, d, frames=frames, batch=batch,
-                                               seed=seed + 2, backend=backend, device=device)  # fmt: skip
+                                               seed=seed + 2, backend=backend, device=device,
+                                               dtype=dt)  # fmt: skip
                         setups[d] = (size, 0.0, 1.0, got)
                         if abs(got - d) > 0.25 * d:
                             log.warning("bench: %s at %s: density target %.0f%% is out of reach "
@@ -313,9 +321,9 @@ def run_bench(
                     for d in densities:
                         size, noise, thr_scale, calibrated = setups[d]
                         scale_thresholds(model, thr_scale, base)
-                        stream = [f.to(device) for f in _stream(hw, frames + _WARMUP, batch,
-                                                                  seed + 2, size=size,
-                                                                  noise=noise)]  # fmt: skip
+                        stream = [f.to(device, dt) for f in _stream(hw, frames + _WARMUP, batch,
+                                                                      seed + 2, size=size,
+                                                                      noise=noise)]  # fmt: skip
                         eng = DeltaEngine(model, backend=backend)
                         # The engine with every op dense: a fused dense baseline (folded BN,
                         # one-pass epilogue), stronger than the model's own eager forward.
@@ -347,6 +355,7 @@ def run_bench(
                             "batch": batch,
                             "threads": nt,
                             "device": device,
+                            "dtype": dtype,
                             "backend": eng.backend.name,
                             "target_density": d,
                             "threshold_scale": thr_scale,
@@ -389,6 +398,7 @@ def run_bench(
         "benchmark": "engine",
         "torch": torch.__version__,
         "device": device,
+        "dtype": dtype,
         # cuDNN convs in float32 may use TF32 (torch's default); the engine's are IEEE float32
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device != "cpu" else None,
         "frames": frames,

@@ -276,6 +276,7 @@ def _cmd_bench(args) -> int:
         models=args.models, resolutions=args.resolutions, threads=args.threads,
         densities=args.densities, device=args.device, frames=args.frames, batch=args.batch,
         backend=args.backend, checkpoint=args.checkpoint, seed=args.seed, progress=progress,
+        dtype=args.dtype,
     )  # fmt: skip
     result["command"] = " ".join(["deltasparse", *sys.argv[1:]])
     write_json_atomic(result, args.out)
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "reference", "torch", "cpp", "triton"])
     s.add_argument("--frames", type=int, default=5, help="timed frames per setting")
     s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's and the engine's dtype (half: the half-precision engine)")
     s.add_argument("--checkpoint", default=None, help="use a trained model.pt's thresholds")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="bench.json", help="JSON output")
