@@ -290,5 +290,8 @@ class TritonBackend(TorchBackend):
             return GraphStep(runtime, self, cuda_graph=cuda_graph)
         except NotImplementedError as exc:
             self.graph_declined = str(exc)
-            log.debug("DeltaEngine: no CUDA-graph step (%s)", exc)
-            return None
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails to build or run
+            # (the state is the dense pass's again): the per-op driver runs, with a warning
+            self.graph_declined = f"its kernels failed: {type(exc).__name__}: {exc}"[:400]
+        log.debug("DeltaEngine: no CUDA-graph step (%s)", self.graph_declined)
+        return None

@@ -23,7 +23,8 @@ Statistics (rows computed, active inputs) are accumulated on the device and copi
 ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 
 Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
-global average pooling, aliases (flatten of ``(B, C, 1, 1)``, dropout). Others raise
+global average pooling, max pooling, residual adds and channel concatenations of two maps,
+aliases (flatten of ``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
 :func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
 """
@@ -66,7 +67,7 @@ def _chain_reason(chain) -> str | None:
 def decline_reason(runtime) -> str | None:
     """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
     the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
-    from ..ops import ConvOp, LinearOp, SampleOp
+    from ..ops import AddOp, CatOp, ConvOp, LinearOp, PoolOp, SampleOp
 
     dtype = runtime.input_op.out.buf.dtype
     if dtype not in (torch.float32, torch.float64, *HALF):
@@ -75,6 +76,12 @@ def decline_reason(runtime) -> str | None:
         if isinstance(op, ConvOp):
             if not (op.spec.depthwise or op.spec.groups == 1):
                 return f"grouped conv '{op.name}' (groups={op.spec.groups})"
+        elif isinstance(op, (AddOp, CatOp)):
+            if len(op.inputs) != 2:
+                return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
+        elif isinstance(op, PoolOp):
+            if op.spec.mode != "max":
+                return f"no device kernel for {op.spec.mode} pooling '{op.name}'"
         elif not isinstance(op, LinearOp) and not (isinstance(op, SampleOp) and op.mode == "mean"):
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
         why = _chain_reason(op.chain)
@@ -124,7 +131,7 @@ class GraphStep:
     """
 
     def __init__(self, runtime, backend, *, cuda_graph: bool = True) -> None:
-        from ..ops import ConvOp, LinearOp, SampleOp
+        from ..ops import AddOp, CatOp, ConvOp, LinearOp, PoolOp, SampleOp
 
         why = decline_reason(runtime)
         if why is not None:
@@ -175,6 +182,10 @@ class GraphStep:
                 self._add_conv(op, mask, cnt, act, nsm)
             elif isinstance(op, SampleOp) and op.mode == "mean":
                 self._add_gpool(op, mask, cnt, act)
+            elif isinstance(op, (AddOp, CatOp)):
+                self._add_pair(op, isinstance(op, CatOp), mask, cnt, act, nsm)
+            elif isinstance(op, PoolOp):
+                self._add_maxpool(op, mask, cnt, act, nsm)
             else:
                 raise NotImplementedError(f"{type(op).__name__} {op.kind} '{op.name}'")
             self._op_launches.append(len(self._launches))
@@ -203,19 +214,24 @@ class GraphStep:
         self.masks.zero_()
         self.counts.zero_()
         start = 0
-        for end, op in zip([1, *self._op_launches], [self.rt.input_op, *self.rt.ops],
-                           strict=True):  # fmt: skip
-            for launch in self._launches[start:end]:
-                launch()
-            start = end
-            buf, rows = op.out.buf, op.out.rows
-            unset = torch.isnan(buf[:rows])
-            if bool(unset.any()):
-                buf[:rows] = torch.where(unset, backup[id(buf)], buf[:rows])
+        try:
+            for end, op in zip([1, *self._op_launches], [self.rt.input_op, *self.rt.ops],
+                               strict=True):  # fmt: skip
+                for launch in self._launches[start:end]:
+                    launch()
+                start = end
+                buf, rows = op.out.buf, op.out.rows
+                unset = torch.isnan(buf[:rows])
+                if bool(unset.any()):
+                    buf[:rows] = torch.where(unset, backup[id(buf)], buf[:rows])
+        except BaseException:  # a kernel that fails (to compile): the dense pass's state back
+            for buf, rows in self._states:
+                buf[:rows].copy_(backup[id(buf)])
+            raise
         self.counts.zero_()
 
     # -- building ---------------------------------------------------------------------------
-    def _compact(self, x, out, geom, idx, cnt, act, mask):
+    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None):
         tk = _kernels()
         ident = geom is None or geom.is_identity
         p_in, p_out = x.rows, out.rows
@@ -228,10 +244,11 @@ class GraphStep:
                        SW=geom.stride[1], PH=geom.padding[0], PW=geom.padding[1],
                        DH=geom.dilation[0], DW=geom.dilation[1])  # fmt: skip
         mi = mask(x)
+        mi2 = mi if x2 is None else mask(x2)
         grid = (_cdiv(max(p_in, p_out), _COMPACT_BLOCK),)
         return lambda: tk.compact_kernel[grid](
-            mi, idx, cnt, act, p_out, p_in, h, w, ho * wo, wo, IDENT=ident,
-            BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
+            mi, mi2, idx, cnt, act, p_out, p_in, h, w, ho * wo, wo, IDENT=ident,
+            TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
     def _add_linear(self, op, mask, cnt, act, nsm):
@@ -289,6 +306,47 @@ class GraphStep:
                 x.buf, mi, out.buf, mo, cnt, act, s[0], s[1], s[2], s[3], hw, c,
                 IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BR=128, BC=bc,
                 num_warps=4, **chain.kw(),
+            )  # fmt: skip
+        )
+
+    def _add_pair(self, op, cat: bool, mask, cnt, act, nsm):
+        """A residual add or a channel concatenation of two maps of the same rows."""
+        tk = _kernels()
+        (a, b), out = op.inputs, op.out
+        dev = out.buf.device
+        idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
+        chain = chain_args(op.chain, self.dtype, dev)
+        s, mo = chain.tensors, mask(out)
+        bm, bn = 32, 64
+        grid = (min(_cdiv(out.rows, bm) * _cdiv(out.channels, bn), 8 * nsm),)
+        self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=b))
+        self._launches.append(
+            lambda: tk.rows_pair_kernel[grid](
+                a.buf, b.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], a.channels,
+                b.channels, chain.hw, CAT=cat, IS_F64=self.dtype == torch.float64,
+                HALF=self.dtype in HALF, BM=bm, BN=bn, num_warps=4, **chain.kw(),
+            )  # fmt: skip
+        )
+
+    def _add_maxpool(self, op, mask, cnt, act, nsm):
+        tk = _kernels()
+        x, out, g = op.inputs[0], op.out, op.spec.geom
+        dev = out.buf.device
+        idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
+        chain = chain_args(op.chain, self.dtype, dev)
+        s, mo = chain.tensors, mask(out)
+        c = out.channels
+        bm, bc, nw = dw_config(c, self.dtype == torch.float64, out.rows)
+        grid = (min(_cdiv(out.rows, bm) * _cdiv(c, bc), 8 * nsm),)
+        (h, w), (ho, wo) = g.in_hw, g.out_hw
+        self._launches.append(self._compact(x, out, g, idx, cnt, act, mask))
+        self._launches.append(
+            lambda: tk.maxpool_kernel[grid](
+                x.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, h, w, ho * wo, wo,
+                chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
+                PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
+                IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BC=bc,
+                num_warps=nw, **chain.kw(),
             )  # fmt: skip
         )
 

@@ -279,21 +279,26 @@ def depthwise_kernel(
 
 @triton.jit
 def compact_kernel(
-    mi_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo,
-    IDENT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
-    DW: tl.constexpr, BLOCK: tl.constexpr,
+    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo,
+    IDENT: tl.constexpr, TWO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """List the output rows to recompute: those whose window holds a changed input row.
 
     Appends them to ``idx`` (unordered across blocks, via one atomic per block) and their
     number to ``cnt``; also adds the number of changed input rows to ``act`` (statistics).
+    ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input.
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     in_ok = offs < P_in
     mi = tl.load(mi_ptr + offs, mask=in_ok, other=0).to(tl.int32)
     na = tl.sum(mi, axis=0)
+    if TWO:
+        mi2 = tl.load(mi2_ptr + offs, mask=in_ok, other=0).to(tl.int32)
+        na += tl.sum(mi2, axis=0)
+        mi = tl.maximum(mi, mi2)
     if na > 0:
         tl.atomic_add(act_ptr, na)
     o_ok = offs < P_out
@@ -319,6 +324,97 @@ def compact_kernel(
         base = tl.atomic_add(cnt_ptr, n)
         pos = base + tl.cumsum(f, axis=0) - f
         tl.store(idx_ptr + pos, offs, mask=f > 0)
+
+
+@triton.jit
+def rows_pair_kernel(
+    a_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, CA, CB, HW,
+    CAT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    K3: tl.constexpr, IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr,
+):  # fmt: skip
+    """An elementwise op of two row buffers on the listed rows, fused with its chain and
+    commit: ``a + b`` (residual add, ``CA == CB``; half precision: summed in float32 and
+    rounded, as torch adds) or, ``CAT``, the channel concatenation ``[a, b]`` (a copy)."""
+    pid = tl.program_id(0)
+    n = tl.load(cnt_ptr)
+    if CAT:
+        N = CA + CB
+    else:
+        N = CA
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_n
+        pn = t - pm * num_n
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        rows64 = rows.to(tl.int64)
+        offs_n = pn * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        if IS_F64:
+            zero = tl.zeros((BM, BN), dtype=tl.float64)
+        else:
+            zero = tl.zeros((BM, BN), dtype=tl.float32)
+        if CAT:
+            in_a = offs_n < CA
+            va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :],
+                         mask=m_ok[:, None] & in_a[None, :], other=0.0)  # fmt: skip
+            vb = tl.load(b_ptr + rows64[:, None] * CB + (offs_n - CA)[None, :],
+                         mask=m_ok[:, None] & (n_ok & (offs_n >= CA))[None, :],
+                         other=0.0)  # fmt: skip
+            acc = tl.where(in_a[None, :], va.to(zero.dtype) + zero, vb.to(zero.dtype) + zero)
+        else:
+            ok2 = m_ok[:, None] & n_ok[None, :]
+            va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
+            vb = tl.load(b_ptr + rows64[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
+            acc = _round(va.to(zero.dtype) + vb.to(zero.dtype), 1, y_ptr.dtype.element_ty, HALF)
+        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
+
+
+@triton.jit
+def maxpool_kernel(
+    x_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, C, H, W, HWo, Wo, HW,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Max pooling on the listed output rows (taps outside the input are skipped, as the
+    torch backend's -inf fill does), fused with the chain and commit."""
+    pid = tl.program_id(0)
+    n = tl.load(cnt_ptr)
+    num_c = tl.cdiv(C, BC)
+    total = tl.cdiv(n, BM) * num_c
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_c
+        pc = t - pm * num_c
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        bi = rows // HWo
+        r = rows - bi * HWo
+        oy = r // Wo
+        ox = r - oy * Wo
+        offs_c = pc * BC + tl.arange(0, BC)
+        c_ok = offs_c < C
+        if IS_F64:
+            acc = tl.full((BM, BC), float("-inf"), dtype=tl.float64)
+        else:
+            acc = tl.full((BM, BC), float("-inf"), dtype=tl.float32)
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + kx * DW
+                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=float("-inf"))  # fmt: skip
+                acc = tl.maximum(acc, xv.to(acc.dtype))
+        _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
 
 
 @triton.jit
@@ -393,7 +489,9 @@ __all__ = [
     "depthwise_kernel",
     "gpool_kernel",
     "input_commit_kernel",
+    "maxpool_kernel",
     "rows_gemm_kernel",
+    "rows_pair_kernel",
     "taps_gemm_kernel",
     "triton",
 ]
