@@ -294,3 +294,32 @@ class ModernOps(nn.Module):
         z = torch.flatten(self.norm(z), 1)
         z = F.mish(self.fc(z)) * 0.5
         return self.fc2(F.gelu(z, approximate="tanh"))
+
+
+class GraphOps(nn.Module):
+    """The ops of the whole-step GPU graph beyond MobileNet's: every activation of its chain
+    (SiLU, Hardswish, Sigmoid, Hardsigmoid, ReLU, ELU, Tanh, PReLU, LeakyReLU, GELU erf and
+    tanh, Mish), squeeze-excitation products, average pooling (ceil mode, padding excluded),
+    a product of two maps, a residual add and a pointwise op on its own."""
+
+    def __init__(self, c_in: int = 3, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, 16, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.se = SqueezeExcitation(16, 8, nn.SiLU, nn.Sigmoid)
+        self.se2 = SqueezeExcitation(16, 4, nn.ReLU, nn.Hardsigmoid)
+        self.avg = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.c2, self.c3 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.prelu, self.leaky = nn.PReLU(16), nn.LeakyReLU(0.1)
+        self.fc, self.fc2 = nn.Linear(16, 12), nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = F.silu(self.bn(self.stem(x)))
+        x = self.se2(self.se(F.hardswish(self.bn2(self.dw(x)))))
+        x = self.avg(x)
+        a, b = F.elu(self.c2(x), 0.7), torch.tanh(self.c3(x))
+        x = F.gelu(self.prelu(a * b) + self.leaky(x))
+        z = F.mish(self.fc(x.mean((2, 3))))
+        return self.fc2(F.gelu(z, approximate="tanh"))

@@ -98,9 +98,9 @@ def test_graph_decline_reason_on_cpu():
     assert decline_reason(_runtime(supported.double(), x.double())) is None
     grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2)).eval()
     assert decline_reason(_runtime(grouped, x)) == "grouped conv '1' (groups=2)"
-    pooled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2)).eval()
-    assert decline_reason(_runtime(pooled, x)) == "no device kernel for avg pooling '1'"
-    # max pooling, residual adds and concatenations of two maps have device kernels
+    upsampled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Upsample(scale_factor=2)).eval()
+    assert decline_reason(_runtime(upsampled, x)) == "no device kernel for UpsampleOp upsample '1'"
+    # pooling, residual adds, products and concatenations of two maps have device kernels
     for ops in (TinyResNet(), GlobalPoolNet()):
         assert decline_reason(_runtime(ops.eval(), torch.randn(2, 3, 32, 32))) is None
     three = _runtime(_Cat3().eval(), x)
@@ -136,14 +136,14 @@ class _GraphBackend(TorchBackend):
 
 def test_engine_warns_and_records_a_declined_graph_step():
     x = torch.randn(1, 3, 16, 16)
-    pooled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2)).eval()
-    eng = DeltaEngine(pooled, _GraphBackend())
-    with pytest.warns(FallbackWarning, match=r"no CUDA-graph step \(no device kernel for avg") as w:
+    upsampled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Upsample(scale_factor=2)).eval()
+    eng = DeltaEngine(upsampled, _GraphBackend())
+    with pytest.warns(FallbackWarning, match=r"no CUDA-graph step \(no device kernel for Ups") as w:
         eng.step(x)
     assert w[0].filename == __file__
     assert _GraphBackend.calls == 0  # declined up front, never attempted
     assert eng.stats.fallbacks == [
-        "no CUDA-graph step (no device kernel for avg pooling '1'): every step runs the "
+        "no CUDA-graph step (no device kernel for UpsampleOp upsample '1'): every step runs the "
         "per-op driver, one host synchronisation per op (slower)"
     ]
     net = _plain()

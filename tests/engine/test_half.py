@@ -20,7 +20,7 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import AllOps, GlobalPoolNet, ModernOps, TinyResNet, converted
+from engine_helpers import AllOps, GlobalPoolNet, GraphOps, ModernOps, TinyResNet, converted
 from torch import nn
 
 import deltasparse as ds
@@ -40,6 +40,7 @@ MODELS = {
     "gpool": (GlobalPoolNet, (2, 3, 16, 16)),
     "modern": (ModernOps, (2, 3, 32, 32)),
     "mobilenet": (lambda: ds.models.mobilenet_v1(num_classes=6, width_mult=0.25), (1, 3, 64, 64)),
+    "graphops": (GraphOps, (2, 3, 20, 20)),
 }
 
 
@@ -280,10 +281,11 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["resnet", "gpool"])
-def test_graph_step_runs_max_pooling_adds_and_concatenations(name, dtype):
-    """ResNet blocks (max pooling, residual adds) and concatenations run in the whole-step
-    graph: every frame close to the reference pass, equal to a fresh engine's."""
+@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops"])
+def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
+    """ResNet blocks (max pooling, residual adds), concatenations, squeeze-excitation
+    products, average pooling and every activation of the chain run in the whole-step graph:
+    every frame close to the reference pass, equal to a fresh engine's."""
     gm32, shape = _model(name)
     gm = copy.deepcopy(gm32).to(device="cuda", dtype=dtype)
     eng = DeltaEngine(gm, backend="triton")

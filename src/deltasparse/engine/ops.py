@@ -182,7 +182,7 @@ class Chain:
         spatial = len(out_shape) == 4
         hw = out_shape[2] * out_shape[3] if spatial else 1
         self.hw = hw
-        channels = out_shape[1]
+        channels = self.channels = out_shape[1]
         for op in ops:
             if op.kind == "clamp":
                 self.steps.append(("clamp", op.params["lo"], op.params["hi"]))
@@ -213,7 +213,8 @@ class Chain:
                         + (" (on a channels-last tensor they run along H)"
                            if layout == "nhwc" else "")
                     )
-                self.steps.append(("act", ACTIVATION_BY_NAME[op.params["act"]].apply, p))
+                name = op.params["act"]
+                self.steps.append(("act", ACTIVATION_BY_NAME[name].apply, p, name))
             elif op.kind == "layernorm":
                 self.steps.append(_layernorm_step(op, out_shape, layout, device, dtype))
             elif op.kind == "quant":

@@ -74,6 +74,22 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+# The activations of the fused chain in the order of triton_kernels._act's codes (pure
+# Python here: GraphStep's decline rules read it without triton).
+ACT_CODES = ("silu", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "sigmoid", "tanh",
+             "leaky_relu", "elu", "mish", "prelu")  # fmt: skip
+
+
+def act_code(step) -> int | None:
+    """The index of an ops.Chain ``("act", apply, params, name)`` step in ACT_CODES."""
+    name = step[3]
+    if name == "gelu" and step[2].get("approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    elif name == "gelu" and step[2].get("approximate", "none") != "none":
+        return None
+    return ACT_CODES.index(name) if name in ACT_CODES else None
+
+
 # Tile overrides for experiments (bench/gpu/): {"gemm": (BM, BN, BK, warps), "dw": (BM, BC, warps)}.
 TUNE: dict[str, tuple] = {}
 

@@ -23,8 +23,10 @@ Statistics (rows computed, active inputs) are accumulated on the device and copi
 ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 
 Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
-global average pooling, max pooling, residual adds and channel concatenations of two maps,
-aliases (flatten of ``(B, C, 1, 1)``, dropout). Others raise
+global average pooling, max and average pooling, residual adds, channel concatenations of
+two maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
+own, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
+``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
 :func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
 """
@@ -40,6 +42,7 @@ from .triton_gpu import (
     ChainArgs,
     _cdiv,
     _kernels,
+    act_code,
     dw_config,
     gemm_config,
     launch_depthwise,
@@ -59,6 +62,9 @@ def _chain_reason(chain) -> str | None:
             thr, per_row = step[1], step[2]
             if not (per_row or thr.numel() == 1 or thr.dim() == 1):
                 return f"quantiser step of shape {tuple(thr.shape)}"
+        elif step[0] == "act":
+            if act_code(step) is None:
+                return f"activation {step[3]!r} {step[2]}"
         elif step[0] not in ("clamp", "affine"):
             return f"chain step {step[0]!r}"
     return None
@@ -67,7 +73,7 @@ def _chain_reason(chain) -> str | None:
 def decline_reason(runtime) -> str | None:
     """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
     the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
-    from ..ops import AddOp, CatOp, ConvOp, LinearOp, PoolOp, SampleOp
+    from ..ops import AddOp, CatOp, ConvOp, LinearOp, MulOp, PointwiseOp, PoolOp, SampleOp
 
     dtype = runtime.input_op.out.buf.dtype
     if dtype not in (torch.float32, torch.float64, *HALF):
@@ -79,9 +85,8 @@ def decline_reason(runtime) -> str | None:
         elif isinstance(op, (AddOp, CatOp)):
             if len(op.inputs) != 2:
                 return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
-        elif isinstance(op, PoolOp):
-            if op.spec.mode != "max":
-                return f"no device kernel for {op.spec.mode} pooling '{op.name}'"
+        elif isinstance(op, (PoolOp, MulOp)) or type(op) is PointwiseOp:
+            pass
         elif not isinstance(op, LinearOp) and not (isinstance(op, SampleOp) and op.mode == "mean"):
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
         why = _chain_reason(op.chain)
@@ -104,6 +109,17 @@ def chain_args(chain, dtype, device) -> ChainArgs:
         elif step[0] == "affine":
             ab = torch.stack([step[1].reshape(-1), step[2].reshape(-1)]).to(dtype).contiguous()
             steps.append((tk.CH_AFFINE, ab))
+        elif step[0] == "act":
+            code, p = act_code(step), step[2]
+            if code is None:
+                raise NotImplementedError(f"activation {step[3]!r}")
+            if "weight" in p:  # prelu: one weight per channel
+                par = p["weight"].reshape(-1).to(device=device, dtype=dtype)
+                par = par.expand(chain.channels).contiguous()
+            else:
+                v = p.get("slope", p.get("alpha", 0.0))
+                par = torch.tensor([float(v)], dtype=dtype, device=device)
+            steps.append((tk.CH_ACT + code, par))
         elif step[0] == "quant":
             thr, per_row = step[1].to(device=device, dtype=torch.float32), step[2]
             if per_row:
@@ -131,7 +147,7 @@ class GraphStep:
     """
 
     def __init__(self, runtime, backend, *, cuda_graph: bool = True) -> None:
-        from ..ops import AddOp, CatOp, ConvOp, LinearOp, PoolOp, SampleOp
+        from ..ops import AddOp, CatOp, ConvOp, LinearOp, MulOp, PointwiseOp, PoolOp, SampleOp
 
         why = decline_reason(runtime)
         if why is not None:
@@ -183,9 +199,13 @@ class GraphStep:
             elif isinstance(op, SampleOp) and op.mode == "mean":
                 self._add_gpool(op, mask, cnt, act)
             elif isinstance(op, (AddOp, CatOp)):
-                self._add_pair(op, isinstance(op, CatOp), mask, cnt, act, nsm)
+                self._add_pair(op, 1 if isinstance(op, CatOp) else 0, mask, cnt, act, nsm)
+            elif type(op) is PointwiseOp:
+                self._add_pair(op, 2, mask, cnt, act, nsm)
+            elif isinstance(op, MulOp):
+                self._add_pair(op, 3 if op.scale is None else 4, mask, cnt, act, nsm)
             elif isinstance(op, PoolOp):
-                self._add_maxpool(op, mask, cnt, act, nsm)
+                self._add_pool(op, mask, cnt, act, nsm)
             else:
                 raise NotImplementedError(f"{type(op).__name__} {op.kind} '{op.name}'")
             self._op_launches.append(len(self._launches))
@@ -231,7 +251,7 @@ class GraphStep:
         self.counts.zero_()
 
     # -- building ---------------------------------------------------------------------------
-    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None):
+    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1):
         tk = _kernels()
         ident = geom is None or geom.is_identity
         p_in, p_out = x.rows, out.rows
@@ -245,9 +265,10 @@ class GraphStep:
                        DH=geom.dilation[0], DW=geom.dilation[1])  # fmt: skip
         mi = mask(x)
         mi2 = mi if x2 is None else mask(x2)
+        p2 = p_in if x2 is None else x2.rows
         grid = (_cdiv(max(p_in, p_out), _COMPACT_BLOCK),)
         return lambda: tk.compact_kernel[grid](
-            mi, mi2, idx, cnt, act, p_out, p_in, h, w, ho * wo, wo, IDENT=ident,
+            mi, mi2, idx, cnt, act, p_out, p_in, h, w, ho * wo, wo, p2, hwb, IDENT=ident,
             TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
@@ -309,28 +330,40 @@ class GraphStep:
             )  # fmt: skip
         )
 
-    def _add_pair(self, op, cat: bool, mask, cnt, act, nsm):
-        """A residual add or a channel concatenation of two maps of the same rows."""
+    def _add_pair(self, op, mode: int, mask, cnt, act, nsm):
+        """An elementwise op of its inputs' rows (rows_pair_kernel's ``MODE``): a residual
+        add, a channel concatenation, a pointwise chain, a product (of two maps, or of a map
+        and a per-sample scale)."""
         tk = _kernels()
-        (a, b), out = op.inputs, op.out
+        out = op.out
+        if mode == 2:
+            a = b = op.inputs[0]
+        elif mode == 4:  # the map first, the (B, C) scale second
+            b, a = op.inputs[op.scale], op.inputs[1 - op.scale]
+        else:
+            a, b = op.inputs
+        hwb = a.rows // b.rows if mode == 4 else 1
         dev = out.buf.device
         idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
         chain = chain_args(op.chain, self.dtype, dev)
         s, mo = chain.tensors, mask(out)
         bm, bn = 32, 64
         grid = (min(_cdiv(out.rows, bm) * _cdiv(out.channels, bn), 8 * nsm),)
-        self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=b))
+        two = None if mode == 2 else b
+        self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=two, hwb=hwb))
         self._launches.append(
             lambda: tk.rows_pair_kernel[grid](
                 a.buf, b.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], a.channels,
-                b.channels, chain.hw, CAT=cat, IS_F64=self.dtype == torch.float64,
+                b.channels, chain.hw, hwb, MODE=mode, IS_F64=self.dtype == torch.float64,
                 HALF=self.dtype in HALF, BM=bm, BN=bn, num_warps=4, **chain.kw(),
             )  # fmt: skip
         )
 
-    def _add_maxpool(self, op, mask, cnt, act, nsm):
+    def _add_pool(self, op, mask, cnt, act, nsm):
         tk = _kernels()
         x, out, g = op.inputs[0], op.out, op.spec.geom
+        avg = op.spec.mode != "max"
+        div = op.spec.divisor.reshape(-1).contiguous() if avg else out.buf
         dev = out.buf.device
         idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
         chain = chain_args(op.chain, self.dtype, dev)
@@ -341,10 +374,10 @@ class GraphStep:
         (h, w), (ho, wo) = g.in_hw, g.out_hw
         self._launches.append(self._compact(x, out, g, idx, cnt, act, mask))
         self._launches.append(
-            lambda: tk.maxpool_kernel[grid](
-                x.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, h, w, ho * wo, wo,
-                chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
-                PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
+            lambda: tk.pool_kernel[grid](
+                x.buf, div, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, h, w, ho * wo,
+                wo, chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
+                PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1], AVG=avg,
                 IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BC=bc,
                 num_warps=nw, **chain.kw(),
             )  # fmt: skip

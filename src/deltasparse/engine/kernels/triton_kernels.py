@@ -22,8 +22,49 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_gpu import ACT_CODES  # the activations' order (_act's codes)
+
 # Chain step kinds (constexpr codes shared with triton_graph.py).
 CH_NONE, CH_CLAMP, CH_AFFINE, CH_QSCALAR, CH_QCHANNEL, CH_QROW = 0, 1, 2, 3, 4, 5
+# Activations (ops.Chain "act" steps): CH_ACT + the index of their name in ACT_CODES; the
+# parameter tensor holds leaky_relu's slope, elu's alpha or prelu's C weights.
+CH_ACT = 16
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 2 sigmoid(2x) - 1 (float32; no tanh in triton.language)."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _act(z, p, A: tl.constexpr, offs_n, n_ok):
+    """Activation ``A`` (an index of ACT_CODES) on a tile, in the tile's dtype."""
+    if A == 0:  # silu
+        z = z / (1.0 + tl.exp(-z))
+    elif A == 1:  # gelu (erf)
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif A == 2:  # gelu (tanh)
+        z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif A == 3:  # hardswish
+        z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif A == 4:  # hardsigmoid
+        z = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif A == 5:  # sigmoid
+        z = 1.0 / (1.0 + tl.exp(-z))
+    elif A == 6:
+        z = _tanh(z)
+    elif A == 7:  # leaky_relu: p = [slope]
+        z = tl.where(z > 0.0, z, z * tl.load(p).to(z.dtype))
+    elif A == 8:  # elu: p = [alpha]
+        z = tl.where(z > 0.0, z, tl.load(p).to(z.dtype) * (tl.exp(z) - 1.0))
+    elif A == 9:  # mish: z * tanh(softplus(z)), softplus linear above 20 (as torch)
+        sp = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+        z = z * _tanh(sp)
+    else:  # prelu: p = [weight (N)]
+        w = tl.load(p + offs_n, mask=n_ok, other=0.0).to(z.dtype)
+        z = tl.where(z >= 0.0, z, z * w[None, :])
+    return z
 
 
 @triton.jit
@@ -48,6 +89,8 @@ def _chain_step(z, p, KIND: tl.constexpr, rows, offs_n, n_ok, N, HW, IS_F64: tl.
         b = tl.load(p + N + offs_n, mask=n_ok, other=0.0).to(z.dtype)
         z = z * a[None, :]
         z = z + b[None, :]
+    elif KIND >= 16:  # an activation
+        z = _act(z, p, KIND - 16, offs_n, n_ok)
     elif KIND >= 3:  # quantiser round(z / thr) * thr; thr float32, math in z's dtype
         if KIND == 3:
             t = tl.load(p).to(z.dtype)
@@ -279,7 +322,7 @@ def depthwise_kernel(
 
 @triton.jit
 def compact_kernel(
-    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo,
+    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo, P2, HWB,
     IDENT: tl.constexpr, TWO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr,
@@ -288,7 +331,8 @@ def compact_kernel(
 
     Appends them to ``idx`` (unordered across blocks, via one atomic per block) and their
     number to ``cnt``; also adds the number of changed input rows to ``act`` (statistics).
-    ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input.
+    ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input; the
+    second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale: ``HWB`` > 1).
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -296,8 +340,8 @@ def compact_kernel(
     mi = tl.load(mi_ptr + offs, mask=in_ok, other=0).to(tl.int32)
     na = tl.sum(mi, axis=0)
     if TWO:
-        mi2 = tl.load(mi2_ptr + offs, mask=in_ok, other=0).to(tl.int32)
-        na += tl.sum(mi2, axis=0)
+        na += tl.sum(tl.load(mi2_ptr + offs, mask=offs < P2, other=0).to(tl.int32), axis=0)
+        mi2 = tl.load(mi2_ptr + offs // HWB, mask=in_ok, other=0).to(tl.int32)
         mi = tl.maximum(mi, mi2)
     if na > 0:
         tl.atomic_add(act_ptr, na)
@@ -328,17 +372,19 @@ def compact_kernel(
 
 @triton.jit
 def rows_pair_kernel(
-    a_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, CA, CB, HW,
-    CAT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    a_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, CA, CB, HW, HWB,
+    MODE: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     K3: tl.constexpr, IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr,
 ):  # fmt: skip
-    """An elementwise op of two row buffers on the listed rows, fused with its chain and
-    commit: ``a + b`` (residual add, ``CA == CB``; half precision: summed in float32 and
-    rounded, as torch adds) or, ``CAT``, the channel concatenation ``[a, b]`` (a copy)."""
+    """An elementwise op of row buffers on the listed rows, fused with its chain and commit
+    (half precision: computed in float32 and rounded, as torch does). ``MODE``: 0 ``a + b``
+    (residual add), 1 the channel concatenation ``[a, b]``, 2 ``a`` (a pointwise chain on
+    its input's rows), 3 ``a * b``, 4 ``a * b[row // HWB]`` (a per-sample scale ``b``: the
+    squeeze-excitation product)."""
     pid = tl.program_id(0)
     n = tl.load(cnt_ptr)
-    if CAT:
+    if MODE == 1:
         N = CA + CB
     else:
         N = CA
@@ -357,7 +403,7 @@ def rows_pair_kernel(
             zero = tl.zeros((BM, BN), dtype=tl.float64)
         else:
             zero = tl.zeros((BM, BN), dtype=tl.float32)
-        if CAT:
+        if MODE == 1:
             in_a = offs_n < CA
             va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :],
                          mask=m_ok[:, None] & in_a[None, :], other=0.0)  # fmt: skip
@@ -368,22 +414,38 @@ def rows_pair_kernel(
         else:
             ok2 = m_ok[:, None] & n_ok[None, :]
             va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
-            vb = tl.load(b_ptr + rows64[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
-            acc = _round(va.to(zero.dtype) + vb.to(zero.dtype), 1, y_ptr.dtype.element_ty, HALF)
+            va = va.to(zero.dtype)
+            if MODE == 2:
+                acc = va
+            else:
+                if MODE == 4:
+                    rb = rows64 // HWB
+                else:
+                    rb = rows64
+                vb = tl.load(b_ptr + rb[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
+                vb = vb.to(zero.dtype)
+                if MODE == 0:
+                    acc = va + vb
+                else:
+                    acc = va * vb
+                acc = _round(acc, 1, y_ptr.dtype.element_ty, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
                   s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
 
 
 @triton.jit
-def maxpool_kernel(
-    x_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, C, H, W, HWo, Wo, HW,
+def pool_kernel(
+    x_ptr, div_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, C, H, W, HWo, Wo, HW,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    AVG: tl.constexpr, IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
     """Max pooling on the listed output rows (taps outside the input are skipped, as the
-    torch backend's -inf fill does), fused with the chain and commit."""
+    torch backend's -inf fill does) or, ``AVG``, the sum of the taps over the row's divisor
+    (``div``: count_include_pad, ceil mode, divisor_override, as PoolSpec.divisor), fused
+    with the chain and commit (half precision: summed in float32, rounded)."""
     pid = tl.program_id(0)
     n = tl.load(cnt_ptr)
     num_c = tl.cdiv(C, BC)
@@ -400,10 +462,14 @@ def maxpool_kernel(
         ox = r - oy * Wo
         offs_c = pc * BC + tl.arange(0, BC)
         c_ok = offs_c < C
-        if IS_F64:
-            acc = tl.full((BM, BC), float("-inf"), dtype=tl.float64)
+        if AVG:
+            init = 0.0
         else:
-            acc = tl.full((BM, BC), float("-inf"), dtype=tl.float32)
+            init = float("-inf")
+        if IS_F64:
+            acc = tl.full((BM, BC), init, dtype=tl.float64)
+        else:
+            acc = tl.full((BM, BC), init, dtype=tl.float32)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
                 iy = oy * SH - PH + ky * DH
@@ -411,8 +477,14 @@ def maxpool_kernel(
                 ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
                 src = ((bi * H + iy) * W + ix).to(tl.int64)
                 xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
-                             mask=ok[:, None] & c_ok[None, :], other=float("-inf"))  # fmt: skip
-                acc = tl.maximum(acc, xv.to(acc.dtype))
+                             mask=ok[:, None] & c_ok[None, :], other=init)  # fmt: skip
+                if AVG:
+                    acc += xv.to(acc.dtype)
+                else:
+                    acc = tl.maximum(acc, xv.to(acc.dtype))
+        if AVG:
+            d = tl.load(div_ptr + rows.to(tl.int64), mask=m_ok, other=1.0).to(acc.dtype)
+            acc = _round(acc / d[:, None], 1, y_ptr.dtype.element_ty, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
                   s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
 
@@ -479,6 +551,8 @@ def gpool_kernel(
 
 
 __all__ = [
+    "ACT_CODES",
+    "CH_ACT",
     "CH_AFFINE",
     "CH_CLAMP",
     "CH_NONE",
@@ -489,7 +563,7 @@ __all__ = [
     "depthwise_kernel",
     "gpool_kernel",
     "input_commit_kernel",
-    "maxpool_kernel",
+    "pool_kernel",
     "rows_gemm_kernel",
     "rows_pair_kernel",
     "taps_gemm_kernel",
