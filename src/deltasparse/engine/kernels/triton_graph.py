@@ -169,8 +169,11 @@ class GraphStep:
                 self._states.append((v.buf, v.rows))
                 total += v.rows
         self.masks = torch.zeros(total + 1, dtype=torch.int8, device=dev)
-        self.counts = torch.zeros(len(ops) + 1, 2, dtype=torch.int32, device=dev)
-        self.totals = torch.zeros(len(ops) + 1, 2, dtype=torch.int64, device=dev)
+        # per op: rows computed, active input rows, and (ops of two inputs) the second
+        # input's active rows, so that each producer is credited with its own changes
+        self.counts = torch.zeros(len(ops) + 1, 3, dtype=torch.int32, device=dev)
+        self.totals = torch.zeros(len(ops) + 1, 3, dtype=torch.int64, device=dev)
+        self._second: dict[int, int] = {}  # op index -> id of its second input's state
 
         def mask(v) -> torch.Tensor:
             o, n = offsets[id(v.state)]
@@ -181,7 +184,7 @@ class GraphStep:
         tk = _kernels()
         b, c, h, w = inp.shape
         mo_in = mask(inp)
-        act0 = self.counts[0, 1:]
+        act0 = self.counts[0, 1:2]
         self._launches.append(
             lambda: tk.input_commit_kernel[(_cdiv(inp.rows, 256),)](
                 self.frame, inp.buf, mo_in, act0, inp.rows, c, h * w,
@@ -191,7 +194,7 @@ class GraphStep:
         nsm = sm_count(dev)
         self._op_launches: list[int] = []  # the end of each op's launches in _launches
         for i, op in enumerate(ops, start=1):
-            cnt, act = self.counts[i, :1], self.counts[i, 1:]
+            cnt, act = self.counts[i, :1], self.counts[i, 1:2]
             if isinstance(op, LinearOp):
                 self._add_linear(op, mask, cnt, act, nsm)
             elif isinstance(op, ConvOp):
@@ -251,7 +254,7 @@ class GraphStep:
         self.counts.zero_()
 
     # -- building ---------------------------------------------------------------------------
-    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1):
+    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1, act2=None):
         tk = _kernels()
         ident = geom is None or geom.is_identity
         p_in, p_out = x.rows, out.rows
@@ -268,7 +271,8 @@ class GraphStep:
         p2 = p_in if x2 is None else x2.rows
         grid = (_cdiv(max(p_in, p_out), _COMPACT_BLOCK),)
         return lambda: tk.compact_kernel[grid](
-            mi, mi2, idx, cnt, act, p_out, p_in, h, w, ho * wo, wo, p2, hwb, IDENT=ident,
+            mi, mi2, idx, cnt, act, act if act2 is None else act2, p_out, p_in, h, w, ho * wo,
+            wo, p2, hwb, IDENT=ident,
             TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
@@ -350,7 +354,13 @@ class GraphStep:
         bm, bn = 32, 64
         grid = (min(_cdiv(out.rows, bm) * _cdiv(out.channels, bn), 8 * nsm),)
         two = None if mode == 2 else b
-        self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=two, hwb=hwb))
+        i = self.rt.ops.index(op) + 1
+        act2 = None
+        if two is not None:
+            act2 = self.counts[i, 2:3]
+            self._second[i] = id(b.state)
+        self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=two, hwb=hwb,
+                                            act2=act2))  # fmt: skip
         self._launches.append(
             lambda: tk.rows_pair_kernel[grid](
                 a.buf, b.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], a.channels,
@@ -425,16 +435,23 @@ class GraphStep:
         st = self.rt.input_op.stats
         st.frames += frames
         st.changed_out += tot[0][1]
-        # An op's changed outputs are its first consumer's active inputs (none: unknown).
+        # An op's changed outputs are its first consumer's active inputs from it (none:
+        # unknown); a consumer of two inputs counts its second input's apart.
         first_reader: dict[int, int] = {}
         for i, op in enumerate(self.rt.ops, start=1):
             for v in op.inputs:
                 first_reader.setdefault(id(v.state), i)
-        for (rows, act), op in zip(tot[1:], self.rt.ops, strict=True):
+
+        def changed(state: int) -> int:
+            r = first_reader[state]
+            if r not in self._second:
+                return tot[r][1]
+            return tot[r][2] if self._second[r] == state else tot[r][1] - tot[r][2]
+
+        for (rows, act, _), op in zip(tot[1:], self.rt.ops, strict=True):
             st = op.stats
-            reader = first_reader.get(id(op.out.state))
-            if reader is not None:
-                st.changed_out += tot[reader][1]
+            if id(op.out.state) in first_reader:
+                st.changed_out += changed(id(op.out.state))
             st.frames += frames
             st.rows_computed += rows
             st.active_in += act

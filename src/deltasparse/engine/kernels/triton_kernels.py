@@ -322,7 +322,7 @@ def depthwise_kernel(
 
 @triton.jit
 def compact_kernel(
-    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, P_out, P_in, H, W, HWo, Wo, P2, HWB,
+    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, act2_ptr, P_out, P_in, H, W, HWo, Wo, P2, HWB,
     IDENT: tl.constexpr, TWO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr,
@@ -332,7 +332,8 @@ def compact_kernel(
     Appends them to ``idx`` (unordered across blocks, via one atomic per block) and their
     number to ``cnt``; also adds the number of changed input rows to ``act`` (statistics).
     ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input; the
-    second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale: ``HWB`` > 1).
+    second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale: ``HWB`` > 1);
+    its changed rows are also added to ``act2`` (statistics: each input's producer).
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -340,7 +341,10 @@ def compact_kernel(
     mi = tl.load(mi_ptr + offs, mask=in_ok, other=0).to(tl.int32)
     na = tl.sum(mi, axis=0)
     if TWO:
-        na += tl.sum(tl.load(mi2_ptr + offs, mask=offs < P2, other=0).to(tl.int32), axis=0)
+        na2 = tl.sum(tl.load(mi2_ptr + offs, mask=offs < P2, other=0).to(tl.int32), axis=0)
+        if na2 > 0:
+            tl.atomic_add(act2_ptr, na2)
+        na += na2
         mi2 = tl.load(mi2_ptr + offs // HWB, mask=in_ok, other=0).to(tl.int32)
         mi = tl.maximum(mi, mi2)
     if na > 0:
@@ -481,10 +485,15 @@ def pool_kernel(
                 if AVG:
                     acc += xv.to(acc.dtype)
                 else:
-                    acc = tl.maximum(acc, xv.to(acc.dtype))
+                    # NaN propagates, as torch's max pooling does
+                    acc = tl.maximum(acc, xv.to(acc.dtype), propagate_nan=tl.PropagateNan.ALL)
         if AVG:
             d = tl.load(div_ptr + rows.to(tl.int64), mask=m_ok, other=1.0).to(acc.dtype)
-            acc = _round(acc / d[:, None], 1, y_ptr.dtype.element_ty, HALF)
+            if IS_F64:
+                acc = acc / d[:, None]
+            else:  # correctly rounded, as torch divides
+                acc = tl.div_rn(acc, tl.broadcast_to(d[:, None], (BM, BC)))
+            acc = _round(acc, 1, y_ptr.dtype.element_ty, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
                   s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
 
