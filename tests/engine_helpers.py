@@ -323,3 +323,22 @@ class GraphOps(nn.Module):
         x = F.gelu(self.prelu(a * b) + self.leaky(x))
         z = F.mish(self.fc(x.mean((2, 3))))
         return self.fc2(F.gelu(z, approximate="tanh"))
+
+
+class UpsampleCat(nn.Module):
+    """A YOLO-style neck in small: nearest upsampling concatenated with a lateral map, max
+    pooling and bilinear upsampling added back (every op of it runs in the GPU graph)."""
+
+    def __init__(self, c_in: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(c_in, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        y = F.relu(self.fuse(torch.cat([self.up(b), a], 1)))
+        y = y + F.interpolate(F.max_pool2d(y, 2), scale_factor=2, mode="bilinear")
+        return self.fc(y.mean((2, 3)))

@@ -8,7 +8,14 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import AllOps, GlobalPoolNet, TinyResNet, converted
+from engine_helpers import (
+    AllOps,
+    GlobalPoolNet,
+    LayerNorm2d,
+    TinyResNet,
+    UpsampleCat,
+    converted,
+)
 from torch import nn
 
 from deltasparse.data.streams import synthetic_stream
@@ -98,10 +105,10 @@ def test_graph_decline_reason_on_cpu():
     assert decline_reason(_runtime(supported.double(), x.double())) is None
     grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2)).eval()
     assert decline_reason(_runtime(grouped, x)) == "grouped conv '1' (groups=2)"
-    upsampled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Upsample(scale_factor=2)).eval()
-    assert decline_reason(_runtime(upsampled, x)) == "no device kernel for UpsampleOp upsample '1'"
-    # pooling, residual adds, products and concatenations of two maps have device kernels
-    for ops in (TinyResNet(), GlobalPoolNet()):
+    normed = nn.Sequential(nn.Conv2d(3, 8, 1), LayerNorm2d(8)).eval()
+    assert decline_reason(_runtime(normed, x)).startswith("chain step 'ln' in ")
+    # pooling, adds, products, concatenations of two maps, upsampling have device kernels
+    for ops in (TinyResNet(), GlobalPoolNet(), UpsampleCat()):
         assert decline_reason(_runtime(ops.eval(), torch.randn(2, 3, 32, 32))) is None
     three = _runtime(_Cat3().eval(), x)
     assert decline_reason(three) == "cat 'cat' of 3 tensors (2 have a kernel)"
@@ -136,14 +143,14 @@ class _GraphBackend(TorchBackend):
 
 def test_engine_warns_and_records_a_declined_graph_step():
     x = torch.randn(1, 3, 16, 16)
-    upsampled = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Upsample(scale_factor=2)).eval()
-    eng = DeltaEngine(upsampled, _GraphBackend())
-    with pytest.warns(FallbackWarning, match=r"no CUDA-graph step \(no device kernel for Ups") as w:
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2)).eval()
+    eng = DeltaEngine(grouped, _GraphBackend())
+    with pytest.warns(FallbackWarning, match=r"no CUDA-graph step \(grouped conv") as w:
         eng.step(x)
     assert w[0].filename == __file__
     assert _GraphBackend.calls == 0  # declined up front, never attempted
     assert eng.stats.fallbacks == [
-        "no CUDA-graph step (no device kernel for UpsampleOp upsample '1'): every step runs the "
+        "no CUDA-graph step (grouped conv '1' (groups=2)): every step runs the "
         "per-op driver, one host synchronisation per op (slower)"
     ]
     net = _plain()

@@ -20,7 +20,15 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import AllOps, GlobalPoolNet, GraphOps, ModernOps, TinyResNet, converted
+from engine_helpers import (
+    AllOps,
+    GlobalPoolNet,
+    GraphOps,
+    ModernOps,
+    TinyResNet,
+    UpsampleCat,
+    converted,
+)
 from torch import nn
 
 import deltasparse as ds
@@ -41,6 +49,7 @@ MODELS = {
     "modern": (ModernOps, (2, 3, 32, 32)),
     "mobilenet": (lambda: ds.models.mobilenet_v1(num_classes=6, width_mult=0.25), (1, 3, 64, 64)),
     "graphops": (GraphOps, (2, 3, 20, 20)),
+    "upsample": (UpsampleCat, (2, 3, 16, 20)),
 }
 
 
@@ -281,7 +290,7 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops"])
+@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample"])
 def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
     """ResNet blocks (max pooling, residual adds), concatenations, squeeze-excitation
     products, average pooling and every activation of the chain run in the whole-step graph:

@@ -25,7 +25,7 @@ ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
 global average pooling, max and average pooling, residual adds, channel concatenations of
 two maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
-own, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
+own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
 ``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
 :func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
@@ -73,7 +73,17 @@ def _chain_reason(chain) -> str | None:
 def decline_reason(runtime) -> str | None:
     """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
     the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
-    from ..ops import AddOp, CatOp, ConvOp, LinearOp, MulOp, PointwiseOp, PoolOp, SampleOp
+    from ..ops import (
+        AddOp,
+        CatOp,
+        ConvOp,
+        LinearOp,
+        MulOp,
+        PointwiseOp,
+        PoolOp,
+        SampleOp,
+        UpsampleOp,
+    )
 
     dtype = runtime.input_op.out.buf.dtype
     if dtype not in (torch.float32, torch.float64, *HALF):
@@ -85,7 +95,7 @@ def decline_reason(runtime) -> str | None:
         elif isinstance(op, (AddOp, CatOp)):
             if len(op.inputs) != 2:
                 return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
-        elif isinstance(op, (PoolOp, MulOp)) or type(op) is PointwiseOp:
+        elif isinstance(op, (PoolOp, MulOp, UpsampleOp)) or type(op) is PointwiseOp:
             pass
         elif not isinstance(op, LinearOp) and not (isinstance(op, SampleOp) and op.mode == "mean"):
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
@@ -147,7 +157,17 @@ class GraphStep:
     """
 
     def __init__(self, runtime, backend, *, cuda_graph: bool = True) -> None:
-        from ..ops import AddOp, CatOp, ConvOp, LinearOp, MulOp, PointwiseOp, PoolOp, SampleOp
+        from ..ops import (
+            AddOp,
+            CatOp,
+            ConvOp,
+            LinearOp,
+            MulOp,
+            PointwiseOp,
+            PoolOp,
+            SampleOp,
+            UpsampleOp,
+        )
 
         why = decline_reason(runtime)
         if why is not None:
@@ -209,6 +229,8 @@ class GraphStep:
                 self._add_pair(op, 3 if op.scale is None else 4, mask, cnt, act, nsm)
             elif isinstance(op, PoolOp):
                 self._add_pool(op, mask, cnt, act, nsm)
+            elif isinstance(op, UpsampleOp):
+                self._add_upsample(op, mask, cnt, act, nsm)
             else:
                 raise NotImplementedError(f"{type(op).__name__} {op.kind} '{op.name}'")
             self._op_launches.append(len(self._launches))
@@ -254,7 +276,8 @@ class GraphStep:
         self.counts.zero_()
 
     # -- building ---------------------------------------------------------------------------
-    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1, act2=None):
+    def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1, act2=None,
+                 src=None):  # fmt: skip
         tk = _kernels()
         ident = geom is None or geom.is_identity
         p_in, p_out = x.rows, out.rows
@@ -269,10 +292,12 @@ class GraphStep:
         mi = mask(x)
         mi2 = mi if x2 is None else mask(x2)
         p2 = p_in if x2 is None else x2.rows
+        ks = 0 if src is None else src.shape[1]
+        src = idx if src is None else src
         grid = (_cdiv(max(p_in, p_out), _COMPACT_BLOCK),)
         return lambda: tk.compact_kernel[grid](
-            mi, mi2, idx, cnt, act, act if act2 is None else act2, p_out, p_in, h, w, ho * wo,
-            wo, p2, hwb, IDENT=ident,
+            mi, mi2, src, idx, cnt, act, act if act2 is None else act2, p_out, p_in, h, w,
+            ho * wo, wo, p2, hwb, IDENT=ident, KS=ks,
             TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
@@ -366,6 +391,27 @@ class GraphStep:
                 a.buf, b.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], a.channels,
                 b.channels, chain.hw, hwb, MODE=mode, IS_F64=self.dtype == torch.float64,
                 HALF=self.dtype in HALF, BM=bm, BN=bn, num_warps=4, **chain.kw(),
+            )  # fmt: skip
+        )
+
+    def _add_upsample(self, op, mask, cnt, act, nsm):
+        tk = _kernels()
+        x, out = op.inputs[0], op.out
+        dev = out.buf.device
+        idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
+        chain = chain_args(op.chain, self.dtype, dev)
+        s, mo = chain.tensors, mask(out)
+        src = op.idx.contiguous()
+        w = out.buf if op.weight is None else op.weight.contiguous()
+        c = out.channels
+        bm, bc, nw = dw_config(c, self.dtype == torch.float64, out.rows)
+        grid = (min(_cdiv(out.rows, bm) * _cdiv(c, bc), 8 * nsm),)
+        self._launches.append(self._compact(x, out, None, idx, cnt, act, mask, src=src))
+        self._launches.append(
+            lambda: tk.gather_kernel[grid](
+                x.buf, src, w, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, chain.hw,
+                KS=src.shape[1], HAS_W=op.weight is not None, IS_F64=self.dtype == torch.float64,
+                HALF=self.dtype in HALF, BM=bm, BC=bc, num_warps=nw, **chain.kw(),
             )  # fmt: skip
         )
 

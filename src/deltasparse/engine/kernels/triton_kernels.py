@@ -322,8 +322,9 @@ def depthwise_kernel(
 
 @triton.jit
 def compact_kernel(
-    mi_ptr, mi2_ptr, idx_ptr, cnt_ptr, act_ptr, act2_ptr, P_out, P_in, H, W, HWo, Wo, P2, HWB,
-    IDENT: tl.constexpr, TWO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    mi_ptr, mi2_ptr, src_ptr, idx_ptr, cnt_ptr, act_ptr, act2_ptr, P_out, P_in, H, W, HWo, Wo,
+    P2, HWB, IDENT: tl.constexpr, TWO: tl.constexpr, KS: tl.constexpr, KH: tl.constexpr,
+    KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -334,6 +335,7 @@ def compact_kernel(
     ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input; the
     second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale: ``HWB`` > 1);
     its changed rows are also added to ``act2`` (statistics: each input's producer).
+    ``KS`` > 0 (upsampling): output row ``r`` reads the input rows ``src[r, :KS]``.
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -350,7 +352,12 @@ def compact_kernel(
     if na > 0:
         tl.atomic_add(act_ptr, na)
     o_ok = offs < P_out
-    if IDENT:
+    if KS > 0:
+        f = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k in tl.static_range(KS):
+            s = tl.load(src_ptr + offs.to(tl.int64) * KS + k, mask=o_ok, other=0)
+            f = tl.maximum(f, tl.load(mi_ptr + s, mask=o_ok, other=0).to(tl.int32))
+    elif IDENT:
         f = mi
     else:
         bi = offs // HWo
@@ -499,6 +506,48 @@ def pool_kernel(
 
 
 @triton.jit
+def gather_kernel(
+    x_ptr, src_ptr, w_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, C, HW,
+    KS: tl.constexpr, HAS_W: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr, K3: tl.constexpr, IS_F64: tl.constexpr, HALF: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Upsampling on the listed output rows: ``sum_k w[r, k] * x[src[r, k]]`` over ``KS``
+    source rows in ``k`` order (``HAS_W`` False, nearest: a copy of ``x[src[r, 0]]``), as
+    ops.UpsampleOp computes (half precision: in float32, rounded), fused with chain and commit."""
+    pid = tl.program_id(0)
+    n = tl.load(cnt_ptr)
+    num_c = tl.cdiv(C, BC)
+    total = tl.cdiv(n, BM) * num_c
+    for t in range(pid, total, tl.num_programs(0)):
+        pm = t // num_c
+        pc = t - pm * num_c
+        offs_m = pm * BM + tl.arange(0, BM)
+        m_ok = offs_m < n
+        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        rows64 = rows.to(tl.int64)
+        offs_c = pc * BC + tl.arange(0, BC)
+        c_ok = offs_c < C
+        ok2 = m_ok[:, None] & c_ok[None, :]
+        if IS_F64:
+            acc = tl.zeros((BM, BC), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for k in tl.static_range(KS):
+            s = tl.load(src_ptr + rows64 * KS + k, mask=m_ok, other=0)
+            xv = tl.load(x_ptr + s[:, None] * C + offs_c[None, :], mask=ok2, other=0.0)
+            xv = xv.to(acc.dtype)
+            if HAS_W:
+                wk = tl.load(w_ptr + rows64 * KS + k, mask=m_ok, other=0.0).to(acc.dtype)
+                acc += xv * wk[:, None]
+            else:
+                acc = xv
+        acc = _round(acc, 1, y_ptr.dtype.element_ty, HALF)
+        _epilogue(acc, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
+
+
+@triton.jit
 def input_commit_kernel(f_ptr, y_ptr, mo_ptr, act_ptr, P, C, HW,
                         BLOCK: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     """Write an NCHW frame into the input row buffer; mark the pixels that changed."""
@@ -570,6 +619,7 @@ __all__ = [
     "CH_QSCALAR",
     "compact_kernel",
     "depthwise_kernel",
+    "gather_kernel",
     "gpool_kernel",
     "input_commit_kernel",
     "pool_kernel",
