@@ -70,9 +70,9 @@ def _chain_reason(chain) -> str | None:
     return None
 
 
-def decline_reason(runtime) -> str | None:
-    """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
-    the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
+def _builder(op) -> tuple[str, int] | None:
+    """The GraphStep builder of ``op`` (``_add_<name>``) and its mode, or None: one dispatch
+    for :func:`decline_reason` and :class:`GraphStep`."""
     from ..ops import (
         AddOp,
         CatOp,
@@ -85,20 +85,39 @@ def decline_reason(runtime) -> str | None:
         UpsampleOp,
     )
 
+    if isinstance(op, LinearOp):
+        return "linear", 0
+    if isinstance(op, ConvOp):
+        return "conv", 0
+    if isinstance(op, SampleOp):
+        return ("gpool", 0) if op.mode == "mean" else None
+    if isinstance(op, (AddOp, CatOp)):  # rows_pair_kernel's MODE
+        return "pair", 1 if isinstance(op, CatOp) else 0
+    if type(op) is PointwiseOp:
+        return "pair", 2
+    if isinstance(op, MulOp):
+        return "pair", 3 if op.scale is None else 4
+    if isinstance(op, PoolOp):
+        return "pool", 0
+    if isinstance(op, UpsampleOp):
+        return "upsample", 0
+    return None
+
+
+def decline_reason(runtime) -> str | None:
+    """Why :class:`GraphStep` cannot run ``runtime`` (``None``: it can). Pure Python, no triton:
+    the same rules ``GraphStep`` applies, checked up front so that a decline can be reported."""
     dtype = runtime.input_op.out.buf.dtype
     if dtype not in (torch.float32, torch.float64, *HALF):
         return f"dtype {dtype}"
     for op in runtime.ops:
-        if isinstance(op, ConvOp):
-            if not (op.spec.depthwise or op.spec.groups == 1):
-                return f"grouped conv '{op.name}' (groups={op.spec.groups})"
-        elif isinstance(op, (AddOp, CatOp)):
-            if len(op.inputs) != 2:
-                return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
-        elif isinstance(op, (PoolOp, MulOp, UpsampleOp)) or type(op) is PointwiseOp:
-            pass
-        elif not isinstance(op, LinearOp) and not (isinstance(op, SampleOp) and op.mode == "mean"):
+        kind = _builder(op)
+        if kind is None:
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
+        if kind[0] == "conv" and not (op.spec.depthwise or op.spec.groups == 1):
+            return f"grouped conv '{op.name}' (groups={op.spec.groups})"
+        if kind[0] == "pair" and kind[1] in (0, 1) and len(op.inputs) != 2:
+            return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
         why = _chain_reason(op.chain)
         if why is not None:
             return f"{why} in '{op.name}'"
@@ -157,18 +176,6 @@ class GraphStep:
     """
 
     def __init__(self, runtime, backend, *, cuda_graph: bool = True) -> None:
-        from ..ops import (
-            AddOp,
-            CatOp,
-            ConvOp,
-            LinearOp,
-            MulOp,
-            PointwiseOp,
-            PoolOp,
-            SampleOp,
-            UpsampleOp,
-        )
-
         why = decline_reason(runtime)
         if why is not None:
             raise NotImplementedError(why)
@@ -215,24 +222,13 @@ class GraphStep:
         self._op_launches: list[int] = []  # the end of each op's launches in _launches
         for i, op in enumerate(ops, start=1):
             cnt, act = self.counts[i, :1], self.counts[i, 1:2]
-            if isinstance(op, LinearOp):
-                self._add_linear(op, mask, cnt, act, nsm)
-            elif isinstance(op, ConvOp):
-                self._add_conv(op, mask, cnt, act, nsm)
-            elif isinstance(op, SampleOp) and op.mode == "mean":
+            name, mode = _builder(op)  # decline_reason accepted every op
+            if name == "pair":
+                self._add_pair(op, mode, mask, cnt, act, nsm)
+            elif name == "gpool":
                 self._add_gpool(op, mask, cnt, act)
-            elif isinstance(op, (AddOp, CatOp)):
-                self._add_pair(op, 1 if isinstance(op, CatOp) else 0, mask, cnt, act, nsm)
-            elif type(op) is PointwiseOp:
-                self._add_pair(op, 2, mask, cnt, act, nsm)
-            elif isinstance(op, MulOp):
-                self._add_pair(op, 3 if op.scale is None else 4, mask, cnt, act, nsm)
-            elif isinstance(op, PoolOp):
-                self._add_pool(op, mask, cnt, act, nsm)
-            elif isinstance(op, UpsampleOp):
-                self._add_upsample(op, mask, cnt, act, nsm)
             else:
-                raise NotImplementedError(f"{type(op).__name__} {op.kind} '{op.name}'")
+                getattr(self, f"_add_{name}")(op, mask, cnt, act, nsm)
             self._op_launches.append(len(self._launches))
         self.graph: torch.cuda.CUDAGraph | None = None
         self._pending = 0
@@ -317,9 +313,7 @@ class GraphStep:
         )
 
     def _add_conv(self, op, mask, cnt, act, nsm):
-        x, out, spec = op.inputs[0], op.out, op.spec
-        if not (spec.depthwise or spec.groups == 1):
-            raise NotImplementedError(f"grouped conv '{op.name}' (groups={spec.groups})")
+        x, out, spec = op.inputs[0], op.out, op.spec  # groups 1 or depthwise (decline_reason)
         dev = out.buf.device
         idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
         chain = chain_args(op.chain, self.dtype, dev)

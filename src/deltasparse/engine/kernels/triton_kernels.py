@@ -154,6 +154,39 @@ def _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
 
 
 @triton.jit
+def _tile(t, num_n, n, idx_ptr, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Tile ``t`` of a persistent loop over ``ceil(n / BM) x num_n`` tiles: its ``BM`` listed
+    output rows (``rows``, valid where ``m_ok``) and its ``BN`` channels of ``N``."""
+    pm = t // num_n
+    pn = t - pm * num_n
+    offs_m = pm * BM + tl.arange(0, BM)
+    m_ok = offs_m < n
+    rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+    offs_n = pn * BN + tl.arange(0, BN)
+    return offs_m, m_ok, rows, offs_n, offs_n < N
+
+
+@triton.jit
+def _out_pos(rows, HWo, Wo):
+    """``(sample, y, x)`` of output rows ``b * HWo + y * Wo + x``."""
+    bi = rows // HWo
+    r = rows - bi * HWo
+    oy = r // Wo
+    return bi, oy, r - oy * Wo
+
+
+@triton.jit
+def _acc(BM: tl.constexpr, BN: tl.constexpr, init: tl.constexpr, IS_F64: tl.constexpr):
+    """A ``(BM, BN)`` accumulator filled with ``init``: float64, else float32 (half precision
+    accumulates in float32)."""
+    if IS_F64:
+        acc = tl.full((BM, BN), init, dtype=tl.float64)
+    else:
+        acc = tl.full((BM, BN), init, dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def rows_gemm_kernel(
     x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
     s0, s1, s2, s3, K, N, HW,
@@ -171,18 +204,9 @@ def rows_gemm_kernel(
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_n
-        pn = t - pm * num_n
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
         rows64 = rows.to(tl.int64)
-        offs_n = pn * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        if IS_F64:
-            acc = tl.zeros((BM, BN), dtype=tl.float64)
-        else:  # float32, and half precision accumulated in float32
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = _acc(BM, BN, 0.0, IS_F64)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < K
@@ -224,21 +248,9 @@ def taps_gemm_kernel(
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_n
-        pn = t - pm * num_n
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
-        bi = rows // HWo
-        r = rows - bi * HWo
-        oy = r // Wo
-        ox = r - oy * Wo
-        offs_n = pn * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        if IS_F64:
-            acc = tl.zeros((BM, BN), dtype=tl.float64)
-        else:  # float32, and half precision accumulated in float32
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
+        bi, oy, ox = _out_pos(rows, HWo, Wo)
+        acc = _acc(BM, BN, 0.0, IS_F64)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
                 iy = oy * SH - PH + ky * DH
@@ -287,21 +299,9 @@ def depthwise_kernel(
     num_c = tl.cdiv(C, BC)
     total = tl.cdiv(n, BM) * num_c
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_c
-        pc = t - pm * num_c
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
-        bi = rows // HWo
-        r = rows - bi * HWo
-        oy = r // Wo
-        ox = r - oy * Wo
-        offs_c = pc * BC + tl.arange(0, BC)
-        c_ok = offs_c < C
-        if IS_F64:
-            acc = tl.zeros((BM, BC), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BM, BC), dtype=tl.float32)
+        offs_m, m_ok, rows, offs_c, c_ok = _tile(t, num_c, n, idx_ptr, C, BM, BC)
+        bi, oy, ox = _out_pos(rows, HWo, Wo)
+        acc = _acc(BM, BC, 0.0, IS_F64)
         if HAS_BIAS and not HALF:
             acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
         for ky in tl.static_range(KH):
@@ -402,18 +402,9 @@ def rows_pair_kernel(
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_n
-        pn = t - pm * num_n
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
         rows64 = rows.to(tl.int64)
-        offs_n = pn * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        if IS_F64:
-            zero = tl.zeros((BM, BN), dtype=tl.float64)
-        else:
-            zero = tl.zeros((BM, BN), dtype=tl.float32)
+        zero = _acc(BM, BN, 0.0, IS_F64)
         if MODE == 1:
             in_a = offs_n < CA
             va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :],
@@ -462,25 +453,14 @@ def pool_kernel(
     num_c = tl.cdiv(C, BC)
     total = tl.cdiv(n, BM) * num_c
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_c
-        pc = t - pm * num_c
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
-        bi = rows // HWo
-        r = rows - bi * HWo
-        oy = r // Wo
-        ox = r - oy * Wo
-        offs_c = pc * BC + tl.arange(0, BC)
-        c_ok = offs_c < C
+        offs_m, m_ok, rows, offs_c, c_ok = _tile(t, num_c, n, idx_ptr, C, BM, BC)
+        bi, oy, ox = _out_pos(rows, HWo, Wo)
         if AVG:
             init = 0.0
+            acc = _acc(BM, BC, 0.0, IS_F64)
         else:
             init = float("-inf")
-        if IS_F64:
-            acc = tl.full((BM, BC), init, dtype=tl.float64)
-        else:
-            acc = tl.full((BM, BC), init, dtype=tl.float32)
+            acc = _acc(BM, BC, float("-inf"), IS_F64)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
                 iy = oy * SH - PH + ky * DH
@@ -520,19 +500,10 @@ def gather_kernel(
     num_c = tl.cdiv(C, BC)
     total = tl.cdiv(n, BM) * num_c
     for t in range(pid, total, tl.num_programs(0)):
-        pm = t // num_c
-        pc = t - pm * num_c
-        offs_m = pm * BM + tl.arange(0, BM)
-        m_ok = offs_m < n
-        rows = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        offs_m, m_ok, rows, offs_c, c_ok = _tile(t, num_c, n, idx_ptr, C, BM, BC)
         rows64 = rows.to(tl.int64)
-        offs_c = pc * BC + tl.arange(0, BC)
-        c_ok = offs_c < C
         ok2 = m_ok[:, None] & c_ok[None, :]
-        if IS_F64:
-            acc = tl.zeros((BM, BC), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BM, BC), dtype=tl.float32)
+        acc = _acc(BM, BC, 0.0, IS_F64)
         for k in tl.static_range(KS):
             s = tl.load(src_ptr + rows64 * KS + k, mask=m_ok, other=0)
             xv = tl.load(x_ptr + s[:, None] * C + offs_c[None, :], mask=ok2, other=0.0)
@@ -589,10 +560,7 @@ def gpool_kernel(
     if na > 0:
         offs_c = pc * BC + tl.arange(0, BC)
         c_ok = offs_c < C
-        if IS_F64:
-            acc = tl.zeros((BR, BC), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BR, BC), dtype=tl.float32)
+        acc = _acc(BR, BC, 0.0, IS_F64)
         for r0 in range(0, HWi, BR):
             offs_r = r0 + tl.arange(0, BR)
             v = tl.load(x_ptr + (base + offs_r)[:, None] * C + offs_c[None, :],
