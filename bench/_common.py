@@ -9,3 +9,18 @@ def cpu_model() -> str:
     from deltasparse.engine.kernels.cpp import cpu_name
 
     return cpu_name()
+
+
+def gpu_env() -> dict:
+    """The GPU and the torch, CUDA and triton versions, for a GPU benchmark's result."""
+    import torch
+
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cuda": torch.version.cuda}  # fmt: skip
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env

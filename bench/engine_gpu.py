@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import gpu_env
 from torch import nn
 
 import deltasparse as ds
@@ -55,6 +56,15 @@ def calibrated_mobilenet(seed: int = 0) -> nn.Module:
     with torch.no_grad():
         m(smooth_frame((2, 3, 224, 224), torch.Generator().manual_seed(seed)))
     return m.eval()
+
+
+def converted_mobilenet(threshold: float) -> tuple[nn.Module, nn.Module]:
+    """``(calibrated_mobilenet(), its ds.convert()ed copy with threshold_init=threshold)``."""
+    model = calibrated_mobilenet()
+    ex = smooth_frame((1, 3, 224, 224), torch.Generator().manual_seed(3))
+    gm = ds.convert(copy.deepcopy(model), ds.DeltaConfig(threshold_init=threshold),
+                    example_input=ex).eval()  # fmt: skip
+    return model, gm
 
 
 def smooth_frame(shape, gen, device="cpu") -> torch.Tensor:
@@ -302,15 +312,10 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = calibrated_mobilenet()
-    ex = smooth_frame((1, 3, 224, 224), torch.Generator().manual_seed(3))
-    gm = ds.convert(copy.deepcopy(model), ds.DeltaConfig(threshold_init=args.threshold),
-                    example_input=ex).eval()  # fmt: skip
+    model, gm = converted_mobilenet(args.threshold)
     result = {
         "what": "MobileNet v1 (1000 classes, width 1.0), batch 1: delta engine vs dense",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **gpu_env(),
         "threshold_init": args.threshold,
         "settings": "cudnn.benchmark on, TF32 off, channels_last; engine float32",
         "stream": "fixed random smooth frame; a centred patch of `area` alternates between two "
@@ -319,12 +324,6 @@ def main(argv=None) -> int:
         "and the output copy",
         "resolutions": [],
     }
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:
-        pass
     for name in args.res:
         result["resolutions"].append(run_resolution(name, RES[name], model, gm, args))
         with open(args.out, "w") as f:

@@ -32,12 +32,19 @@ import time
 
 import torch
 
-import deltasparse as ds
 from deltasparse.benchmark import cuda_graphed, gpu_dense_baselines
 from deltasparse.engine import DeltaEngine
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from engine_gpu import calibrated_mobilenet, log, patch_frames, smooth_frame, time_steps  # noqa: E402
+from _common import gpu_env  # noqa: E402
+from engine_gpu import (  # noqa: E402
+    converted_mobilenet,
+    engine_density,
+    log,
+    patch_frames,
+    smooth_frame,
+    time_steps,
+)
 
 RES = {"224": (224, 224), "720p": (720, 1280), "1080p": (1080, 1920), "4k": (2160, 3840)}
 AREAS = [0.0, 0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1.0]
@@ -71,13 +78,12 @@ def compiled_baseline(gm, frame, mode: str, reps: int) -> dict:
     return {f"compiled_bfloat16_{mode}_ms": statistics.median(ts), "compile_s": compile_s}
 
 
-def engine_point(eng, ref, dense_h, frames, reps: int, fresh=None) -> dict:
+def engine_point(eng, ref, fresh, dense_h, frames, reps: int) -> dict:
     eng.step(frames[0])
     st = eng.stats
     before = (st.effective_macs, st.dense_macs)
     ts = time_steps(eng.step, frames, reps, warmup=2)
-    st = eng.stats
-    density = (st.effective_macs - before[0]) / (st.dense_macs - before[1])
+    density = engine_density(eng, before)
     y = eng.step(frames[1])
     want = ref.step(frames[1])  # the reference backend's dense pass on this frame
     ref.reset()
@@ -134,7 +140,7 @@ def run(name: str, batch: int, gm32, args) -> dict:
         fr = patch_frames(base, area, gen)
         p = {"area": area}
         for dname, (eng, ref, fresh, gm, dt) in engines.items():
-            q = engine_point(eng, ref, gm, [f.to(dt) for f in fr], args.reps, fresh)
+            q = engine_point(eng, ref, fresh, gm, [f.to(dt) for f in fr], args.reps)
             bk, bms = best(dense, dname)
             q["best_dense"], q["best_dense_ms"] = bk, bms
             q["speedup_vs_best_dense"] = bms / q["ms"]
@@ -165,16 +171,11 @@ def main(argv=None) -> int:
         print("engine_gpu_half: needs a CUDA device", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
-    model = calibrated_mobilenet()
-    ex = smooth_frame((1, 3, 224, 224), torch.Generator().manual_seed(3))
-    gm32 = ds.convert(copy.deepcopy(model), ds.DeltaConfig(threshold_init=args.threshold),
-                      example_input=ex).eval()  # fmt: skip
+    _, gm32 = converted_mobilenet(args.threshold)
     result = {
         "what": "MobileNet v1 (1000 classes, width 1.0): half-precision delta engine vs dense",
         "command": "python3 bench/engine_gpu_half.py " + " ".join(argv or sys.argv[1:]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **gpu_env(),
         "threshold_init": args.threshold,
         "stream": "random smooth frames; a centred patch of `area` alternates between two random "
         "contents each step (every sample of a batch)",
@@ -182,12 +183,6 @@ def main(argv=None) -> int:
         "include the frame copy and the output copy; dense: gpu_dense_baselines (BN folded)",
         "runs": [],
     }
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:
-        pass
     for name in args.res:
         for b in args.batch:
             result["runs"].append(run(name, b, gm32, args))

@@ -10,7 +10,6 @@ kernel profile (torch.profiler, eager graph bodies) is taken at the default tile
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -21,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine_gpu import (  # noqa: E402
-    calibrated_mobilenet,
+    converted_mobilenet,
+    engine_density,
     log,
     patch_frames,
     profile_kernels,
@@ -29,7 +29,6 @@ from engine_gpu import (  # noqa: E402
     time_steps,
 )
 
-import deltasparse as ds  # noqa: E402
 from deltasparse.engine import DeltaEngine  # noqa: E402
 from deltasparse.engine.kernels import triton_gpu as tg  # noqa: E402
 
@@ -46,9 +45,7 @@ def timed(gm, base, streams, reps) -> dict:
         st = eng.stats
         before = (st.effective_macs, st.dense_macs)
         ts = time_steps(eng.step, fr, reps, warmup=2)
-        st = eng.stats
-        out[str(area)] = {"ms": statistics.median(ts),
-                          "density": (st.effective_macs - before[0]) / (st.dense_macs - before[1])}
+        out[str(area)] = {"ms": statistics.median(ts), "density": engine_density(eng, before)}
     return out, eng
 
 
@@ -62,10 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dt = getattr(torch, args.dtype)
     torch.backends.cudnn.benchmark = True
-    model = calibrated_mobilenet()
-    ex = smooth_frame((1, 3, 224, 224), torch.Generator().manual_seed(3))
-    gm = ds.convert(copy.deepcopy(model), ds.DeltaConfig(threshold_init=0.05),
-                    example_input=ex).eval().to("cuda", dt)  # fmt: skip
+    gm = converted_mobilenet(0.05)[1].to("cuda", dt)
     h, w = args.res
     gen = torch.Generator().manual_seed(7)
     base = smooth_frame((1, 3, h, w), gen, "cuda").to(dt)
