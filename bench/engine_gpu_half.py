@@ -1,7 +1,9 @@
 """Half-precision delta engine vs the best dense half-precision model on one GPU, side by side.
 
-MobileNet v1 (1000 classes, random weights, batch-norm statistics from one random batch),
-converted with ``threshold_init``; per resolution and batch size:
+MobileNet v1 (1000 classes, random weights, batch-norm statistics from one random batch), or
+with ``--model`` a model of ``ds.models`` (torchvision's resnet50 etc. where installed; batch-norm
+statistics from random smooth frames), converted with ``threshold_init`` (gates after every
+activation type the model uses); per resolution and batch size:
 
 * dense baselines (``deltasparse.benchmark.gpu_dense_baselines``: the model without its
   sparsity layers, batch norm folded; float32 (TF32) / bfloat16, NCHW / channels_last,
@@ -31,9 +33,12 @@ import sys
 import time
 
 import torch
+from torch import nn
 
+import deltasparse as ds
 from deltasparse.benchmark import cuda_graphed, gpu_dense_baselines
 from deltasparse.engine import DeltaEngine
+from deltasparse.engine.kernels import triton_gpu as tg
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import gpu_env  # noqa: E402
@@ -45,6 +50,7 @@ from engine_gpu import (  # noqa: E402
     smooth_frame,
     time_steps,
 )
+from zoo_sweep import activation_types, calibrate_bn  # noqa: E402
 
 RES = {"224": (224, 224), "720p": (720, 1280), "1080p": (1080, 1920), "4k": (2160, 3840)}
 AREAS = [0.0, 0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1.0]
@@ -106,6 +112,29 @@ def engine_point(eng, ref, fresh, dense_h, frames, reps: int) -> dict:
     }
 
 
+def parse_tune(text: str) -> dict:
+    """``"flat=0;stages=4;split=2;gemm=64,64,64,4"`` -> a ``triton_gpu.TUNE`` dict."""
+    tune = {}
+    for part in filter(None, text.split(";")):
+        key, _, val = part.partition("=")
+        nums = tuple(int(v) for v in val.split(","))
+        tune[key] = bool(nums[0]) if key == "flat" else nums[0] if len(nums) == 1 else nums
+    return tune
+
+
+def converted(name: str, threshold: float) -> nn.Module:
+    """``ds.convert()`` of model ``name`` (random weights, batch-norm statistics from 8 random
+    smooth frames at 224x224), gates after each activation type it uses."""
+    if name == "mobilenet_v1":
+        return converted_mobilenet(threshold)[1]
+    torch.manual_seed(0)
+    model = ds.models.create(name, num_classes=1000)
+    gen = torch.Generator().manual_seed(3)
+    calibrate_bn(model, torch.cat([smooth_frame((1, 3, 224, 224), gen) for _ in range(8)]))
+    cfg = ds.DeltaConfig(after=activation_types(model), threshold_init=threshold)
+    return ds.convert(model, cfg, example_input=smooth_frame((1, 3, 224, 224), gen)).eval()
+
+
 def run(name: str, batch: int, gm32, args) -> dict:
     h, w = RES[name]
     dev = "cuda"
@@ -157,6 +186,7 @@ def run(name: str, batch: int, gm32, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mobilenet_v1", help="mobilenet_v1 or a ds.models name")
     ap.add_argument("--res", nargs="+", default=["720p"], choices=list(RES))
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--areas", nargs="+", type=float, default=AREAS)
@@ -165,15 +195,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=0.05)
     ap.add_argument("--compile", default="none",
                     choices=["none", "default", "reduce-overhead", "max-autotune"])  # fmt: skip
+    ap.add_argument("--tune", default="",
+                    help="triton_gpu.TUNE overrides, e.g. 'split=0;flat=0' (see parse_tune)")
     ap.add_argument("--out", default="bench/results/engine_gpu_half.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("engine_gpu_half: needs a CUDA device", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
-    _, gm32 = converted_mobilenet(args.threshold)
+    tg.TUNE.update(parse_tune(args.tune))
+    gm32 = converted(args.model, args.threshold)
     result = {
-        "what": "MobileNet v1 (1000 classes, width 1.0): half-precision delta engine vs dense",
+        "what": f"{args.model} (1000 classes, random weights): half-precision delta engine vs "
+        "dense",
+        "model": args.model,
+        "tune": dict(tg.TUNE),
         "command": "python3 bench/engine_gpu_half.py " + " ".join(argv or sys.argv[1:]),
         **gpu_env(),
         "threshold_init": args.threshold,

@@ -256,7 +256,8 @@ def zoo_sweep() -> str:
         rows.append([r["model"], "/".join(r["gates_after"]), _pct(r["top1_agreement"]),
                      f"{r['max_rel_error_vs_pytorch']:.1e}", f"{r['history_max_rel_diff']:.0e}",
                      _pct(r["executed_density"]), _ms(r["engine_full_ms"]),
-                     _ms(r["best_dense_fp32_ms"]), _ms(r.get("best_dense_ieee32_ms")),
+                     _ms(r.get("best_dense_same_dtype_ms", r.get("best_dense_fp32_ms"))),
+                     _ms(r.get("best_dense_ieee32_ms")),
                      _x(r.get("full_density_cost_vs_dense_ieee32"))])  # fmt: skip
     return _table(head, rows) + "\n\n" + _source(d, name) + (
         f" {d['device']}, {d['resolution']}², {d['models'][0].get('frames', '?')} frames of the "
@@ -264,11 +265,51 @@ def zoo_sweep() -> str:
         ", random weights with batch-norm statistics of the footage.")
 
 
+def zoo_sweep_bf16() -> str:
+    """The sweep in bfloat16 (two runs of the script: one device call could not hold all)."""
+    head = ["model", "top-1 agreement", "max rel. error", "history (max rel.)", "executed",
+            "CUDA-graph step", "100% density ms", "best dense bf16 ms", "cost vs dense bf16"]
+    rows, srcs = [], []
+    for name in ("zoo_sweep_bf16.json", "zoo_sweep_bf16_b.json"):
+        d = _load(name)
+        srcs.append(_source(d, name))
+        for r in d["models"]:
+            if "error" in r:
+                rows.append([r["model"], "error: " + r["error"][:60]] + ["–"] * 7)
+                continue
+            pre = "no CUDA-graph step ("
+            graph = next((f[len(pre) : f.rindex("):")] for f in r["fallbacks"]
+                          if f.startswith(pre)), "yes")  # fmt: skip
+            rows.append([r["model"], _pct(r["top1_agreement"]),
+                         f"{r['max_rel_error_vs_pytorch']:.1e}",
+                         f"{r['history_max_rel_diff']:.0e}", _pct(r["executed_density"]),
+                         graph if graph == "yes" else f"no: {graph}", _ms(r["engine_full_ms"]),
+                         _ms(r["best_dense_same_dtype_ms"]),
+                         _x(r["full_density_cost_vs_dense"])])  # fmt: skip
+    return _table(head, rows) + "\n\n" + " ".join(srcs)
+
+
+def engine_gpu_half_resnet50() -> str:
+    """ResNet-50 in bfloat16 against the best dense bfloat16 model (720p, batch 1)."""
+    name = "engine_gpu_half_resnet50.json"
+    d = _load(name)
+    r = d["runs"][0]
+    head = ["input change", "density", "bf16 engine ms", "best dense bf16 ms", "speedup",
+            "history (max rel.)"]
+    rows = [[_pct(p["area"]), _pct(p["bfloat16"]["density"]), _ms(p["bfloat16"]["ms"], 3),
+             f"{_ms(p['bfloat16']['best_dense_ms'], 3)} "
+             f"({p['bfloat16']['best_dense'].replace('bfloat16_', '')})",
+             _x(p["bfloat16"]["speedup_vs_best_dense"]),
+             f"{p['bfloat16']['history_rel_err']:.0e}"] for p in r["points"]]  # fmt: skip
+    return _table(head, rows) + "\n\n" + _source(d, name) + f" {d.get('device', '')}."
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo, "footage": footage, "gate_modes": gate_modes, "engine_cpu": engine_cpu,
     "engine_gpu": engine_gpu, "train_overhead": train_overhead, "token_engine": token_engine,
     "token_engine_gpu": token_engine_gpu, "folder_recipe": folder_recipe, "zoo_sweep": zoo_sweep,
-    "engine_gpu_half": engine_gpu_half,
+    "engine_gpu_half": engine_gpu_half, "zoo_sweep_bf16": zoo_sweep_bf16,
+    "engine_gpu_half_resnet50": engine_gpu_half_resnet50,
 }  # fmt: skip
 
 

@@ -47,28 +47,34 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="dense_step_profile.json")
     a = p.parse_args()
-    dev = torch.device("cuda")
+    dev, dt = torch.device("cuda"), getattr(torch, a.dtype)
     model = build(a.model)
     calibrate_bn(model, torch.rand(8, 3, a.res, a.res))
     gm = ds.convert(model, ds.DeltaConfig(after=activation_types(model), threshold_init=0.05),
-                    example_input=torch.rand(1, 3, a.res, a.res)).eval().to(dev)  # fmt: skip
+                    example_input=torch.rand(1, 3, a.res, a.res)).eval().to(dev, dt)  # fmt: skip
     g = torch.Generator(device=dev).manual_seed(0)
-    frames = [torch.rand(1, 3, a.res, a.res, generator=g, device=dev) for _ in range(a.steps + 3)]
+    frames = [torch.rand(1, 3, a.res, a.res, generator=g, device=dev).to(dt)
+              for _ in range(a.steps + 3)]  # fmt: skip
     eng = ds.DeltaEngine(gm)
-    dense = fused_dense(gm).to(dev).to(memory_format=torch.channels_last)
-    out = {"command": " ".join(sys.argv), "torch": torch.__version__, "model": a.model}
+    dense = fused_dense(gm).to(dev, dt).to(memory_format=torch.channels_last)
+    out = {"command": " ".join(sys.argv), "torch": torch.__version__, "model": a.model,
+           "dtype": a.dtype}
     with torch.no_grad():
         eng.step(frames[0])
         out["engine_dense_step"] = kernels(eng.step, frames, a.steps)
         out["dense_steps"] = eng._dense.steps if eng._dense is not None else 0
+        out["graph_step"] = eng._graph is not None
         with no_tf32():
             out["dense_graph_ieee32"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
-        out["dense_graph_tf32"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
+        if dt == torch.float32:
+            out["dense_graph_tf32"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
     json.dump(out, open(a.out, "w"), indent=1)
     for k in ("engine_dense_step", "dense_graph_ieee32", "dense_graph_tf32"):
-        print(k, round(out[k]["us_per_step"]), "us", out[k]["launches_per_step"], "launches")
+        if k in out:
+            print(k, round(out[k]["us_per_step"]), "us", out[k]["launches_per_step"], "launches")
     for r in out["engine_dense_step"]["top"][:12]:
         print(round(r["us_per_step"], 1), r["calls_per_step"], r["kernel"][:90])
 

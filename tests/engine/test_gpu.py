@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import deltasparse as ds
@@ -114,6 +115,64 @@ def test_conv_rows_matches_reference(dtype, conv, frac):
         got = backend.conv(x, spec, rows)
     _close(y, want, dtype)
     _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taps_gemm_flat_loop_sums_as_the_per_tap_loop(dtype):
+    """The flattened reduction loop (C % BK == 0) is a speed change only: bit for bit the
+    per-tap loop's sums (the same tl.dot sequence)."""
+    from deltasparse.engine.kernels import triton_gpu as tg
+
+    geom = WindowGeom(2, (13, 17), (13, 17), (3, 3), (1, 1), (1, 1), (1, 1),
+                      device=torch.device("cuda"))  # fmt: skip
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(48, 64, 3, 3, dtype=dtype, device="cuda", generator=gen)
+    spec = ConvSpec.from_weight(geom, weight, None, 1)
+    x = _rows_buffer(geom.p_in, 64, dtype)
+    rows = _subset(geom.p_out, 0.5)
+    ys = []
+    try:
+        for flat in (False, True):
+            tg.TUNE["flat"] = flat
+            y = torch.full((rows.numel(), 48), float("nan"), dtype=dtype, device="cuda")
+            tg.launch_taps_gemm(x, spec, rows, y, n_rows=rows.numel())
+            ys.append(y)
+    finally:
+        tg.TUNE.pop("flat", None)
+    assert not ys[0].isnan().any()
+    assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_reductions_match_float64(dtype):
+    """A GEMM whose reduction runs in parts (a float32 workspace, the parts added in order):
+    rows (1x1 / Linear) and taps (k x k) against float64 sums, as close as unsplit."""
+    from deltasparse.engine.kernels import triton_gpu as tg
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(90, 2048, dtype=dtype, device="cuda", generator=gen)
+    wt = torch.randn(2048, 96, dtype=dtype, device="cuda", generator=gen) / 45
+    rows = _subset(89, 0.4).to(torch.int32)
+    want = x[rows.long()].double() @ wt.double()
+    geom = WindowGeom(1, (9, 11), (9, 11), (3, 3), (1, 1), (1, 1), (1, 1),
+                      device=torch.device("cuda"))  # fmt: skip
+    wc = torch.randn(80, 256, 3, 3, dtype=dtype, device="cuda", generator=gen) / 48
+    spec = ConvSpec.from_weight(geom, wc, None, 1)
+    xi = _rows_buffer(geom.p_in, 256, dtype)
+    dense = F.conv2d(xi[:-1].double().view(1, 9, 11, 256).permute(0, 3, 1, 2), wc.double(),
+                     padding=1).permute(0, 2, 3, 1).reshape(-1, 80)  # fmt: skip
+    trows = _subset(geom.p_out, 0.5).to(torch.int32)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for split in (1, 2, 4):
+        ws = None if split == 1 else torch.empty(split, rows.numel(), 96, device="cuda")
+        y = torch.full((rows.numel(), 96), float("nan"), dtype=dtype, device="cuda")
+        tg.launch_rows_gemm(x, wt, None, rows, y, n_rows=rows.numel(), ws=ws)
+        assert float((y.double() - want).abs().max()) <= tol * float(want.abs().max()), split
+        ws = None if split == 1 else torch.empty(split, trows.numel(), 80, device="cuda")
+        y = torch.full((trows.numel(), 80), float("nan"), dtype=dtype, device="cuda")
+        tg.launch_taps_gemm(xi, spec, trows, y, n_rows=trows.numel(), ws=ws)
+        ref = dense[trows.long()]
+        assert float((y.double() - ref).abs().max()) <= tol * float(ref.abs().max()), split
 
 
 def test_backend_validation():

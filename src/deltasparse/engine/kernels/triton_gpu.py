@@ -90,7 +90,8 @@ def act_code(step) -> int | None:
     return ACT_CODES.index(name) if name in ACT_CODES else None
 
 
-# Tile overrides for experiments (bench/gpu/): {"gemm": (BM, BN, BK, warps), "dw": (BM, BC, warps)}.
+# Overrides for experiments (bench/gpu/): {"gemm": (BM, BN, BK, warps), "dw": (BM, BC, warps),
+# "stages": num_stages, "flat": False (the per-tap loop of taps_gemm_kernel)}.
 TUNE: dict[str, tuple] = {}
 
 
@@ -107,6 +108,12 @@ def gemm_config(k: int, n: int, f64: bool, rows: int = 1 << 30) -> tuple[int, in
     if rows <= 64:  # the classifier: a GEMV per sample, wide K steps
         return 16, _pow2(n, 16, 32), _pow2(k, 16, 128), 4
     return 32, _pow2(n, 16, 32), _pow2(k, 16, 64), 4
+
+
+def _stages() -> dict:
+    """``num_stages`` of the GEMM / depthwise launches where ``TUNE["stages"]`` sets it (a
+    benchmark sweep); else Triton's default."""
+    return {"num_stages": TUNE["stages"]} if "stages" in TUNE else {}
 
 
 def dw_config(c: int, f64: bool, rows: int = 1 << 30) -> tuple[int, int, int]:
@@ -141,11 +148,38 @@ class ChainArgs:
         return {f"K{i}": k for i, k in enumerate(self.kinds)}
 
 
+def split_k(k: int, n: int, rows: int, f64: bool, flat: bool = True) -> int:
+    """Parts of a graph GEMM's reduction (``k``: its length, ``rows``: the op's output rows):
+    a sparse step lists few rows, so a long reduction is a serial loop on few programs; in
+    parts it runs on more of them (``split_sum_kernel`` adds the parts in a fixed order: the
+    same sums for every row on every step). 1 (unsplit) for float64, short reductions
+    (< 1024), large maps (> 16384 rows: enough tiles already) and a per-tap conv loop;
+    ``TUNE["split"]`` caps it (0: never)."""
+    cap = TUNE.get("split", 4)
+    if f64 or not flat or cap <= 1 or rows > 16384:
+        return 1
+    _, _, bk, _ = gemm_config(k, n, f64, rows)
+    return max(1, min(cap, k // 512, _cdiv(k, bk)))
+
+
+def _split_sum(ws, bias, idx, y, n_rows, cnt, mo, chain: ChainArgs, grid: int, bm: int,
+               bn: int, nw: int) -> None:  # fmt: skip
+    split, cap, n = ws.shape
+    _kernels().split_sum_kernel[(grid,)](
+        ws, ws if bias is None else bias, idx, ws if cnt is None else cnt, n_rows, y,
+        ws if mo is None else mo, *chain.tensors, n, chain.hw, cap,
+        HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
+        HALF=y.dtype in HALF, SPLIT=split, BM=bm, BN=bn, num_warps=nw, **chain.kw(),
+    )  # fmt: skip
+
+
 def launch_rows_gemm(x, wt, bias, idx, y, *, n_rows=0, cnt=None, mo=None,
                      chain: ChainArgs | None = None, grid: int | None = None,
-                     precision: str = "ieee", rows_hint: int | None = None) -> None:  # fmt: skip
+                     precision: str = "ieee", rows_hint: int | None = None,
+                     ws: torch.Tensor | None = None) -> None:  # fmt: skip
     """``y = x[idx[:n]] @ wt + bias`` (eager: ``y`` is ``(n, N)``), or with ``mo`` the fused
-    chain + commit into the state ``y`` (graph: ``n`` read from ``cnt`` on the device)."""
+    chain + commit into the state ``y`` (graph: ``n`` read from ``cnt`` on the device).
+    ``ws``: a float32 ``(split, rows, N)`` workspace: the reduction in ``split`` parts."""
     tk = _kernels()
     k, n = wt.shape
     f64 = x.dtype == torch.float64
@@ -153,15 +187,18 @@ def launch_rows_gemm(x, wt, bias, idx, y, *, n_rows=0, cnt=None, mo=None,
     if grid is None:
         grid = _cdiv(n_rows, bm) * _cdiv(n, bn)
     grid = max(1, min(grid, 8 * sm_count(x.device)))
+    split, cap = (1, 0) if ws is None else ws.shape[:2]
     chain = chain or ChainArgs.empty(x)
     s = chain.tensors
-    tk.rows_gemm_kernel[(grid,)](
+    tk.rows_gemm_kernel[(min(grid * split, 8 * sm_count(x.device)),)](
         x, wt, x if bias is None else bias, idx, x if cnt is None else cnt, n_rows, y,
-        x if mo is None else mo, s[0], s[1], s[2], s[3], k, n, chain.hw,
-        HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, num_warps=nw,
-        **chain.kw(),
+        x if mo is None else mo, x if ws is None else ws, s[0], s[1], s[2], s[3], k, n,
+        chain.hw, cap, HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
+        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, SPLIT=split,
+        num_warps=nw, **_stages(), **chain.kw(),
     )  # fmt: skip
+    if ws is not None:
+        _split_sum(ws, bias, idx, y, n_rows, cnt, mo, chain, grid, bm, bn, nw)
 
 
 _SPEC_BIAS = object()
@@ -169,7 +206,10 @@ _SPEC_BIAS = object()
 
 def launch_taps_gemm(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
                      chain: ChainArgs | None = None, grid: int | None = None,
-                     precision: str = "ieee", bias=_SPEC_BIAS) -> None:  # fmt: skip
+                     precision: str = "ieee", bias=_SPEC_BIAS,
+                     ws: torch.Tensor | None = None) -> None:  # fmt: skip
+    """A k x k conv on the listed rows (as :func:`launch_rows_gemm`; ``ws`` only where
+    :func:`taps_flat`)."""
     tk = _kernels()
     bias = spec.bias if bias is _SPEC_BIAS else bias
     g = spec.geom
@@ -179,18 +219,30 @@ def launch_taps_gemm(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
     if grid is None:
         grid = _cdiv(n_rows, bm) * _cdiv(n, bn)
     grid = max(1, min(grid, 8 * sm_count(x.device)))
+    flat = taps_flat(spec, f64)
+    if ws is not None and not flat:
+        raise ValueError("launch_taps_gemm: a split reduction needs the flat loop (taps_flat)")
+    split, cap = (1, 0) if ws is None else ws.shape[:2]
     chain = chain or ChainArgs.empty(x)
     s = chain.tensors
     (h, w), (ho, wo) = g.in_hw, g.out_hw
-    tk.taps_gemm_kernel[(grid,)](
+    tk.taps_gemm_kernel[(min(grid * split, 8 * sm_count(x.device)),)](
         x, spec.w_taps, x if bias is None else bias, idx, x if cnt is None else cnt,
-        n_rows, y, x if mo is None else mo, s[0], s[1], s[2], s[3], c, n, h, w, ho * wo, wo,
-        chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
-        PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
-        HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, num_warps=nw,
-        **chain.kw(),
+        n_rows, y, x if mo is None else mo, x if ws is None else ws, s[0], s[1], s[2], s[3],
+        c, n, h, w, ho * wo, wo, chain.hw, cap, KH=g.kernel[0], KW=g.kernel[1],
+        SH=g.stride[0], SW=g.stride[1], PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0],
+        DW=g.dilation[1], HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
+        IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, FLAT=flat,
+        SPLIT=split, num_warps=nw, **_stages(), **chain.kw(),
     )  # fmt: skip
+    if ws is not None:
+        _split_sum(ws, bias, idx, y, n_rows, cnt, mo, chain, grid, bm, bn, nw)
+
+
+def taps_flat(spec: ConvSpec, f64: bool) -> bool:
+    """Whether taps_gemm_kernel runs one reduction loop over every tap (``C % BK == 0``)."""
+    bk = gemm_config(spec.in_ch, spec.out_ch, f64, spec.geom.p_out)[2]
+    return TUNE.get("flat", True) and spec.in_ch % bk == 0
 
 
 def launch_depthwise(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
@@ -214,7 +266,8 @@ def launch_depthwise(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
         chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
         PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
         HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
-        IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BC=bc, num_warps=nw, **chain.kw(),
+        IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BC=bc, num_warps=nw, **_stages(),
+        **chain.kw(),
     )  # fmt: skip
 
 

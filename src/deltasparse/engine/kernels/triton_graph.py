@@ -49,6 +49,8 @@ from .triton_gpu import (
     launch_rows_gemm,
     launch_taps_gemm,
     sm_count,
+    split_k,
+    taps_flat,
 )
 
 __all__ = ["GraphStep", "decline_reason"]
@@ -297,6 +299,12 @@ class GraphStep:
             TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
+    @staticmethod
+    def _workspace(split: int, rows: int, n: int, dev) -> torch.Tensor | None:
+        """The float32 partial sums of a GEMM split in ``split`` parts (None: unsplit)."""
+        return None if split == 1 else torch.empty(split, rows, n, dtype=torch.float32,
+                                                    device=dev)  # fmt: skip
+
     def _add_linear(self, op, mask, cnt, act, nsm):
         x, out, spec = op.inputs[0], op.out, op.spec
         dev = out.buf.device
@@ -306,10 +314,12 @@ class GraphStep:
         bm, bn, _, _ = gemm_config(spec.in_ch, spec.out_ch, self.dtype == torch.float64, rows)
         grid = min(_cdiv(rows, bm) * _cdiv(spec.out_ch, bn), 8 * nsm)
         mo, prec = mask(out), self.backend.precision
+        ws = self._workspace(split_k(spec.in_ch, spec.out_ch, rows, self.dtype == torch.float64),
+                             rows, spec.out_ch, dev)  # fmt: skip
         self._launches.append(self._compact(x, out, None, idx, cnt, act, mask))
         self._launches.append(
             lambda: launch_rows_gemm(x.buf, spec.wt, spec.bias, idx, out.buf, cnt=cnt, mo=mo,
-                                     chain=chain, grid=grid, precision=prec)  # fmt: skip
+                                     chain=chain, grid=grid, precision=prec, ws=ws)  # fmt: skip
         )
 
     def _add_conv(self, op, mask, cnt, act, nsm):
@@ -331,9 +341,12 @@ class GraphStep:
             bm, bn, _, _ = gemm_config(spec.in_ch, spec.out_ch, f64, out.rows)
             grid = min(_cdiv(out.rows, bm) * _cdiv(spec.out_ch, bn), 8 * nsm)
             prec = self.backend.precision
+            k2 = spec.geom.kernel[0] * spec.geom.kernel[1]
+            split = split_k(k2 * spec.in_ch, spec.out_ch, out.rows, f64, taps_flat(spec, f64))
+            ws = self._workspace(split, out.rows, spec.out_ch, dev)
             self._launches.append(
                 lambda: launch_taps_gemm(x.buf, spec, idx, out.buf, cnt=cnt, mo=mo,
-                                         chain=chain, grid=grid, precision=prec)  # fmt: skip
+                                         chain=chain, grid=grid, precision=prec, ws=ws)  # fmt: skip
             )
 
     def _add_gpool(self, op, mask, cnt, act):

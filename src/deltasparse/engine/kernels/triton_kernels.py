@@ -187,58 +187,31 @@ def _acc(BM: tl.constexpr, BN: tl.constexpr, init: tl.constexpr, IS_F64: tl.cons
 
 
 @triton.jit
-def rows_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
-    s0, s1, s2, s3, K, N, HW,
-    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-    IS_F64: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """``y[rows] = x[rows] @ w (+ bias)``: a ``Linear`` / 1x1 conv on the listed rows."""
-    pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
+def _mac(acc, a, b, IS_F64: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a @ b``: float64 as an exact broadcast sum, half precision on tensor cores into
+    the float32 ``acc``, float32 at ``PREC`` (ieee, tf32, tf32x3)."""
+    if IS_F64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif HALF:
+        acc = tl.dot(a, b, acc)
     else:
-        n = n_rows
-    num_n = tl.cdiv(N, BN)
-    total = tl.cdiv(n, BM) * num_n
-    for t in range(pid, total, tl.num_programs(0)):
-        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
-        rows64 = rows.to(tl.int64)
-        acc = _acc(BM, BN, 0.0, IS_F64)
-        for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < K
-            a = tl.load(x_ptr + rows64[:, None] * K + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            b = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
-            if IS_F64:
-                acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-            elif HALF:
-                acc = tl.dot(a, b, acc)
-            else:
-                acc = tl.dot(a, b, acc, input_precision=PREC)
-        acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
-        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
-                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
-def taps_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
-    s0, s1, s2, s3, C, N, H, W, HWo, Wo, HW,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def rows_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr, ws_ptr,
+    s0, s1, s2, s3, K, N, HW, CAP,
     HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     IS_F64: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """A ``groups == 1`` k x k conv on the listed output rows: implicit im2col -> GEMM.
+    """``y[rows] = x[rows] @ w (+ bias)``: a ``Linear`` / 1x1 conv on the listed rows.
 
-    ``w`` is ``ConvSpec.w_taps`` ``(k2 * C, N)``; taps outside the input read zeros.
+    ``SPLIT`` > 1: each tile's reduction in ``SPLIT`` parts, each a program of its own, whose
+    float32 partial sums go to ``ws`` ``(SPLIT, CAP, N)`` for :func:`split_sum_kernel`.
     """
     pid = tl.program_id(0)
     if DYN:
@@ -246,34 +219,146 @@ def taps_gemm_kernel(
     else:
         n = n_rows
     num_n = tl.cdiv(N, BN)
-    total = tl.cdiv(n, BM) * num_n
+    total = tl.cdiv(n, BM) * num_n * SPLIT
     for t in range(pid, total, tl.num_programs(0)):
-        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
-        bi, oy, ox = _out_pos(rows, HWo, Wo)
+        part = t % SPLIT
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t // SPLIT, num_n, n, idx_ptr, N, BM, BN)
+        rows64 = rows.to(tl.int64)
         acc = _acc(BM, BN, 0.0, IS_F64)
-        for ky in tl.static_range(KH):
-            for kx in tl.static_range(KW):
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + kx * DW
-                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = ((bi * H + iy) * W + ix).to(tl.int64)
-                for c0 in range(0, C, BK):
-                    offs_k = c0 + tl.arange(0, BK)
-                    k_ok = offs_k < C
-                    a = tl.load(x_ptr + src[:, None] * C + offs_k[None, :],
-                                mask=ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-                    wrow = (ky * KW + kx) * C + offs_k
-                    b = tl.load(w_ptr + wrow[:, None] * N + offs_n[None, :],
-                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
-                    if IS_F64:
-                        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-                    elif HALF:
-                        acc = tl.dot(a, b, acc)
-                    else:
-                        acc = tl.dot(a, b, acc, input_precision=PREC)
+        lo, hi = _k_range(part, K, BK, SPLIT)
+        for k0 in range(lo, hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + rows64[:, None] * K + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+            acc = _mac(acc, a, b, IS_F64, HALF, PREC)
+        _gemm_out(acc, part, rows, offs_m, m_ok, offs_n, n_ok, b_ptr, y_ptr, mo_ptr, ws_ptr, N,
+                  HW, CAP, s0, s1, s2, s3, HAS_BIAS, K0, K1, K2, K3, FUSE, IS_F64, HALF,
+                  SPLIT)  # fmt: skip
+
+
+@triton.jit
+def _k_range(part, KTOT, BK: tl.constexpr, SPLIT: tl.constexpr):
+    """Part ``part`` of a reduction of ``KTOT`` split in ``SPLIT``: ``[lo, hi)``, in ``BK``
+    blocks (every part the same number of blocks, the last one shorter)."""
+    nb = tl.cdiv(tl.cdiv(KTOT, BK), SPLIT)
+    lo = part * nb * BK
+    return lo, tl.minimum(KTOT, lo + nb * BK)
+
+
+@triton.jit
+def _gemm_out(acc, part, rows, offs_m, m_ok, offs_n, n_ok, b_ptr, y_ptr, mo_ptr, ws_ptr, N, HW,
+              CAP, s0, s1, s2, s3, HAS_BIAS: tl.constexpr, K0: tl.constexpr,
+              K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, FUSE: tl.constexpr,
+              IS_F64: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    """A GEMM tile's sum: its partial into the workspace (``SPLIT`` > 1), else bias, chain
+    and commit."""
+    if SPLIT > 1:
+        wp = ws_ptr + (part * CAP + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(wp, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
         acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
                   s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
+
+
+@triton.jit
+def split_sum_kernel(
+    ws_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr, s0, s1, s2, s3, N, HW, CAP,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    HALF: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """A split GEMM's sums: its ``SPLIT`` float32 partials added in order (the same order for
+    every row and every step), then bias, chain and commit as an unsplit GEMM's."""
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n
+    for t in range(pid, total, tl.num_programs(0)):
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
+        ok2 = m_ok[:, None] & n_ok[None, :]
+        at = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        acc = tl.load(ws_ptr + at, mask=ok2, other=0.0)
+        for part in tl.static_range(1, SPLIT):
+            acc += tl.load(ws_ptr + part * CAP * N + at, mask=ok2, other=0.0)
+        acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
+        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, False, HALF)  # fmt: skip
+
+
+@triton.jit
+def taps_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr, ws_ptr,
+    s0, s1, s2, s3, C, N, H, W, HWo, Wo, HW, CAP,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, PREC: tl.constexpr, HALF: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """A ``groups == 1`` k x k conv on the listed output rows: implicit im2col -> GEMM.
+
+    ``w`` is ``ConvSpec.w_taps`` ``(k2 * C, N)``; taps outside the input read zeros.
+    ``FLAT`` (``C % BK == 0``): one loop over the ``k2 * C`` reduction, which Triton software-
+    pipelines across taps (a loop per tap restarts the pipeline ``k2`` times, and with
+    ``C == BK`` has nothing to overlap); the same ``tl.dot`` sequence, so the same sums.
+    ``SPLIT`` > 1 (``FLAT`` only): the reduction in parts, as in :func:`rows_gemm_kernel`.
+    """
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n * SPLIT
+    for t in range(pid, total, tl.num_programs(0)):
+        part = t % SPLIT
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t // SPLIT, num_n, n, idx_ptr, N, BM, BN)
+        bi, oy, ox = _out_pos(rows, HWo, Wo)
+        acc = _acc(BM, BN, 0.0, IS_F64)
+        if FLAT:
+            lo, hi = _k_range(part, KH * KW * C, BK, SPLIT)
+            for kk in range(lo, hi, BK):
+                tap = kk // C
+                ky = tap // KW
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + (tap - ky * KW) * DW
+                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                offs_k = kk - tap * C + tl.arange(0, BK)
+                a = tl.load(x_ptr + src[:, None] * C + offs_k[None, :], mask=ok[:, None],
+                            other=0.0)  # fmt: skip
+                wrow = kk + tl.arange(0, BK)
+                b = tl.load(w_ptr + wrow[:, None] * N + offs_n[None, :], mask=n_ok[None, :],
+                            other=0.0)  # fmt: skip
+                acc = _mac(acc, a, b, IS_F64, HALF, PREC)
+        else:
+            for ky in tl.static_range(KH):
+                for kx in tl.static_range(KW):
+                    iy = oy * SH - PH + ky * DH
+                    ix = ox * SW - PW + kx * DW
+                    ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                    src = ((bi * H + iy) * W + ix).to(tl.int64)
+                    for c0 in range(0, C, BK):
+                        offs_k = c0 + tl.arange(0, BK)
+                        k_ok = offs_k < C
+                        a = tl.load(x_ptr + src[:, None] * C + offs_k[None, :],
+                                    mask=ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                        wrow = (ky * KW + kx) * C + offs_k
+                        b = tl.load(w_ptr + wrow[:, None] * N + offs_n[None, :],
+                                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+                        acc = _mac(acc, a, b, IS_F64, HALF, PREC)
+        _gemm_out(acc, part, rows, offs_m, m_ok, offs_n, n_ok, b_ptr, y_ptr, mo_ptr, ws_ptr, N,
+                  HW, CAP, s0, s1, s2, s3, HAS_BIAS, K0, K1, K2, K3, FUSE, IS_F64, HALF,
+                  SPLIT)  # fmt: skip
 
 
 @triton.jit
