@@ -326,19 +326,26 @@ class GraphOps(nn.Module):
 
 
 class UpsampleCat(nn.Module):
-    """A YOLO-style neck in small: nearest upsampling concatenated with a lateral map, max
+    """A YOLO-style neck in small: nearest upsampling concatenated with two lateral maps, an
+    SPPF block (three chained 5x5 max pools concatenated with their input: four maps), max
     pooling and bilinear upsampling added back (every op of it runs in the GPU graph)."""
 
     def __init__(self, c_in: int = 3, classes: int = 4) -> None:
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(c_in, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.fuse = nn.Conv2d(16, 8, 3, padding=1)
+        self.lat = nn.Conv2d(8, 4, 1)
+        self.fuse = nn.Conv2d(20, 8, 3, padding=1)
+        self.sppf = nn.MaxPool2d(5, 1, 2)
+        self.mix = nn.Conv2d(32, 8, 1)
         self.fc = nn.Linear(8, classes)
 
     def forward(self, x):
         a = F.relu(self.c1(x))
         b = F.relu(self.c2(a))
-        y = F.relu(self.fuse(torch.cat([self.up(b), a], 1)))
+        y = F.relu(self.fuse(torch.cat([self.up(b), a, F.relu(self.lat(a))], 1)))
+        p1 = self.sppf(y)
+        p2 = self.sppf(p1)
+        y = F.relu(self.mix(torch.cat([y, p1, p2, self.sppf(p2)], 1)))
         y = y + F.interpolate(F.max_pool2d(y, 2), scale_factor=2, mode="bilinear")
         return self.fc(y.mean((2, 3)))

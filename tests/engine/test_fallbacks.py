@@ -107,23 +107,26 @@ def test_graph_decline_reason_on_cpu():
     assert decline_reason(_runtime(grouped, x)) == "grouped conv '1' (groups=2)"
     normed = nn.Sequential(nn.Conv2d(3, 8, 1), LayerNorm2d(8)).eval()
     assert decline_reason(_runtime(normed, x)).startswith("chain step 'ln' in ")
-    # pooling, adds, products, concatenations of two maps, upsampling have device kernels
-    for ops in (TinyResNet(), GlobalPoolNet(), UpsampleCat()):
+    # pooling, adds, products, concatenations of 2-4 maps, upsampling have device kernels
+    for ops in (TinyResNet(), GlobalPoolNet(), UpsampleCat(), _Cat(3)):
         assert decline_reason(_runtime(ops.eval(), torch.randn(2, 3, 32, 32))) is None
-    three = _runtime(_Cat3().eval(), x)
-    assert decline_reason(three) == "cat 'cat' of 3 tensors (2 have a kernel)"
+    five = _runtime(_Cat(5).eval(), x)
+    assert decline_reason(five) == "cat 'cat' of 5 tensors (2-4 have a kernel)"
     gm = converted(AllOps(), torch.randn(2, 3, 28, 44))
     assert "grouped conv 'grouped'" in decline_reason(_runtime(gm, torch.randn(2, 3, 28, 44)))
 
 
-class _Cat3(nn.Module):
-    def __init__(self) -> None:
+class _Cat(nn.Module):
+    """A concatenation of ``n`` maps: two convs' and the input ``n - 2`` times."""
+
+    def __init__(self, n: int) -> None:
         super().__init__()
+        self.n = n
         self.a = nn.Conv2d(3, 4, 1)
         self.b = nn.Conv2d(3, 2, 3, padding=1)
 
     def forward(self, x):
-        return torch.cat([self.a(x), self.b(x), x], dim=1)
+        return torch.cat([self.a(x), self.b(x)] + [x] * (self.n - 2), dim=1)
 
 
 class _GraphBackend(TorchBackend):

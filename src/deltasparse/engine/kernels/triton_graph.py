@@ -24,7 +24,7 @@ ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 
 Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
 global average pooling, max and average pooling, residual adds, channel concatenations of
-two maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
+two to four maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
 own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
 ``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
@@ -118,8 +118,9 @@ def decline_reason(runtime) -> str | None:
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
         if kind[0] == "conv" and not (op.spec.depthwise or op.spec.groups == 1):
             return f"grouped conv '{op.name}' (groups={op.spec.groups})"
-        if kind[0] == "pair" and kind[1] in (0, 1) and len(op.inputs) != 2:
-            return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2 have a kernel)"
+        n_max = 4 if kind == ("pair", 1) else 2  # concatenations of up to 4, sums of 2
+        if kind[0] == "pair" and kind[1] in (0, 1) and not 2 <= len(op.inputs) <= n_max:
+            return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2-{n_max} have a kernel)"
         why = _chain_reason(op.chain)
         if why is not None:
             return f"{why} in '{op.name}'"
@@ -198,11 +199,12 @@ class GraphStep:
                 self._states.append((v.buf, v.rows))
                 total += v.rows
         self.masks = torch.zeros(total + 1, dtype=torch.int8, device=dev)
-        # per op: rows computed, active input rows, and (ops of two inputs) the second
-        # input's active rows, so that each producer is credited with its own changes
-        self.counts = torch.zeros(len(ops) + 1, 3, dtype=torch.int32, device=dev)
-        self.totals = torch.zeros(len(ops) + 1, 3, dtype=torch.int64, device=dev)
-        self._second: dict[int, int] = {}  # op index -> id of its second input's state
+        # per op: rows computed, active input rows, and (ops of 2-4 inputs) the active rows
+        # of the second, third and fourth input, so that each producer is credited with its
+        # own changes
+        self.counts = torch.zeros(len(ops) + 1, 5, dtype=torch.int32, device=dev)
+        self.totals = torch.zeros(len(ops) + 1, 5, dtype=torch.int64, device=dev)
+        self._others: dict[int, list[int]] = {}  # op index -> ids of its inputs 2.. states
 
         def mask(v) -> torch.Tensor:
             o, n = offsets[id(v.state)]
@@ -275,7 +277,9 @@ class GraphStep:
 
     # -- building ---------------------------------------------------------------------------
     def _compact(self, x, out, geom, idx, cnt, act, mask, x2=None, hwb: int = 1, act2=None,
-                 src=None):  # fmt: skip
+                 src=None, more=()):  # fmt: skip
+        """The compaction launch of an op; ``x2``, ``more``: its other inputs (elementwise
+        ops), ``act2`` and the ``act`` of each of ``more``: their changed-row counters."""
         tk = _kernels()
         ident = geom is None or geom.is_identity
         p_in, p_out = x.rows, out.rows
@@ -292,11 +296,14 @@ class GraphStep:
         p2 = p_in if x2 is None else x2.rows
         ks = 0 if src is None else src.shape[1]
         src = idx if src is None else src
+        m34 = [mask(v) for v, _ in more] + [mi] * (2 - len(more))
+        a34 = [a for _, a in more] + [act] * (2 - len(more))
+        nin = 1 if x2 is None else 2 + len(more)
         grid = (_cdiv(max(p_in, p_out), _COMPACT_BLOCK),)
         return lambda: tk.compact_kernel[grid](
-            mi, mi2, src, idx, cnt, act, act if act2 is None else act2, p_out, p_in, h, w,
-            ho * wo, wo, p2, hwb, IDENT=ident, KS=ks,
-            TWO=x2 is not None, BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
+            mi, mi2, *m34, src, idx, cnt, act, act if act2 is None else act2, *a34, p_out,
+            p_in, h, w, ho * wo, wo, p2, hwb, IDENT=ident, KS=ks, NIN=nin,
+            BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
     @staticmethod
@@ -372,12 +379,13 @@ class GraphStep:
         and a per-sample scale)."""
         tk = _kernels()
         out = op.out
+        rest = []
         if mode == 2:
             a = b = op.inputs[0]
         elif mode == 4:  # the map first, the (B, C) scale second
             b, a = op.inputs[op.scale], op.inputs[1 - op.scale]
         else:
-            a, b = op.inputs
+            a, b, *rest = op.inputs  # a concatenation: up to 4 (decline_reason)
         hwb = a.rows // b.rows if mode == 4 else 1
         dev = out.buf.device
         idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
@@ -390,14 +398,19 @@ class GraphStep:
         act2 = None
         if two is not None:
             act2 = self.counts[i, 2:3]
-            self._second[i] = id(b.state)
+            self._others[i] = [id(v.state) for v in (b, *rest)]
+        more = [(v, self.counts[i, 3 + j : 4 + j]) for j, v in enumerate(rest)]
         self._launches.append(self._compact(a, out, None, idx, cnt, act, mask, x2=two, hwb=hwb,
-                                            act2=act2))  # fmt: skip
+                                            act2=act2, more=more))  # fmt: skip
+        cd = rest + [a] * (2 - len(rest))
+        ccd = [v.channels for v in rest] + [0] * (2 - len(rest))
+        nin = 1 if two is None else 2 + len(rest)
         self._launches.append(
             lambda: tk.rows_pair_kernel[grid](
-                a.buf, b.buf, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], a.channels,
-                b.channels, chain.hw, hwb, MODE=mode, IS_F64=self.dtype == torch.float64,
-                HALF=self.dtype in HALF, BM=bm, BN=bn, num_warps=4, **chain.kw(),
+                a.buf, b.buf, cd[0].buf, cd[1].buf, idx, cnt, out.buf, mo, s[0], s[1], s[2],
+                s[3], a.channels, b.channels, ccd[0], ccd[1], chain.hw, hwb, MODE=mode, NIN=nin,
+                IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BN=bn,
+                num_warps=4, **chain.kw(),
             )  # fmt: skip
         )
 
@@ -489,7 +502,7 @@ class GraphStep:
         st.frames += frames
         st.changed_out += tot[0][1]
         # An op's changed outputs are its first consumer's active inputs from it (none:
-        # unknown); a consumer of two inputs counts its second input's apart.
+        # unknown); a consumer of several inputs counts each input after the first apart.
         first_reader: dict[int, int] = {}
         for i, op in enumerate(self.rt.ops, start=1):
             for v in op.inputs:
@@ -497,11 +510,12 @@ class GraphStep:
 
         def changed(state: int) -> int:
             r = first_reader[state]
-            if r not in self._second:
-                return tot[r][1]
-            return tot[r][2] if self._second[r] == state else tot[r][1] - tot[r][2]
+            others = self._others.get(r, [])
+            if state in others:
+                return tot[r][2 + others.index(state)]
+            return tot[r][1] - sum(tot[r][2 : 2 + len(others)])
 
-        for (rows, act, _), op in zip(tot[1:], self.rt.ops, strict=True):
+        for (rows, act, *_), op in zip(tot[1:], self.rt.ops, strict=True):
             st = op.stats
             if id(op.out.state) in first_reader:
                 st.changed_out += changed(id(op.out.state))

@@ -406,10 +406,19 @@ def depthwise_kernel(
 
 
 @triton.jit
+def _more_changed(m_ptr, act_ptr, offs, ok):
+    """The changed rows of one more input of a compaction's block, added to its ``act``."""
+    na = tl.sum(tl.load(m_ptr + offs, mask=ok, other=0).to(tl.int32), axis=0)
+    if na > 0:
+        tl.atomic_add(act_ptr, na)
+    return na
+
+
+@triton.jit
 def compact_kernel(
-    mi_ptr, mi2_ptr, src_ptr, idx_ptr, cnt_ptr, act_ptr, act2_ptr, P_out, P_in, H, W, HWo, Wo,
-    P2, HWB, IDENT: tl.constexpr, TWO: tl.constexpr, KS: tl.constexpr, KH: tl.constexpr,
-    KW: tl.constexpr,
+    mi_ptr, mi2_ptr, mi3_ptr, mi4_ptr, src_ptr, idx_ptr, cnt_ptr, act_ptr, act2_ptr, act3_ptr,
+    act4_ptr, P_out, P_in, H, W, HWo, Wo, P2, HWB, IDENT: tl.constexpr, NIN: tl.constexpr,
+    KS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -417,9 +426,10 @@ def compact_kernel(
 
     Appends them to ``idx`` (unordered across blocks, via one atomic per block) and their
     number to ``cnt``; also adds the number of changed input rows to ``act`` (statistics).
-    ``TWO`` (an elementwise op of two inputs, ``IDENT``): a row changed in either input; the
-    second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale: ``HWB`` > 1);
-    its changed rows are also added to ``act2`` (statistics: each input's producer).
+    ``NIN`` > 1 (an elementwise op of ``NIN`` <= 4 inputs, ``IDENT``): a row changed in any
+    input; the second has ``P2`` rows, one per ``HWB`` output rows (a per-sample scale:
+    ``HWB`` > 1), the third and fourth ``P_in``; the changed rows of input k > 1 are also
+    added to ``act<k>`` (statistics: each input's producer).
     ``KS`` > 0 (upsampling): output row ``r`` reads the input rows ``src[r, :KS]``.
     """
     pid = tl.program_id(0)
@@ -427,13 +437,19 @@ def compact_kernel(
     in_ok = offs < P_in
     mi = tl.load(mi_ptr + offs, mask=in_ok, other=0).to(tl.int32)
     na = tl.sum(mi, axis=0)
-    if TWO:
+    if NIN >= 2:
         na2 = tl.sum(tl.load(mi2_ptr + offs, mask=offs < P2, other=0).to(tl.int32), axis=0)
         if na2 > 0:
             tl.atomic_add(act2_ptr, na2)
         na += na2
         mi2 = tl.load(mi2_ptr + offs // HWB, mask=in_ok, other=0).to(tl.int32)
         mi = tl.maximum(mi, mi2)
+    if NIN >= 3:
+        na += _more_changed(mi3_ptr, act3_ptr, offs, in_ok)
+        mi = tl.maximum(mi, tl.load(mi3_ptr + offs, mask=in_ok, other=0).to(tl.int32))
+    if NIN >= 4:
+        na += _more_changed(mi4_ptr, act4_ptr, offs, in_ok)
+        mi = tl.maximum(mi, tl.load(mi4_ptr + offs, mask=in_ok, other=0).to(tl.int32))
     if na > 0:
         tl.atomic_add(act_ptr, na)
     o_ok = offs < P_out
@@ -467,21 +483,32 @@ def compact_kernel(
 
 
 @triton.jit
+def _cat_more(acc, v_ptr, rows64, m_ok, offs_n, C0, CV):
+    """A concatenation's tile with one more input's channels ``[C0, C0 + CV)`` filled in."""
+    inside = (offs_n >= C0) & (offs_n < C0 + CV)
+    v = tl.load(v_ptr + rows64[:, None] * CV + (offs_n - C0)[None, :],
+                mask=m_ok[:, None] & inside[None, :], other=0.0)  # fmt: skip
+    return tl.where(inside[None, :], v.to(acc.dtype), acc)
+
+
+@triton.jit
 def rows_pair_kernel(
-    a_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, CA, CB, HW, HWB,
-    MODE: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, d_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, CA, CB, CC,
+    CD, HW, HWB, MODE: tl.constexpr, NIN: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr,
     K3: tl.constexpr, IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr,
 ):  # fmt: skip
     """An elementwise op of row buffers on the listed rows, fused with its chain and commit
     (half precision: computed in float32 and rounded, as torch does). ``MODE``: 0 ``a + b``
-    (residual add), 1 the channel concatenation ``[a, b]``, 2 ``a`` (a pointwise chain on
+    (residual add), 1 the channel concatenation ``[a, b]`` (``NIN`` 3, 4: ``[a, b, c(, d)]``,
+    ``CC``, ``CD`` channels), 2 ``a`` (a pointwise chain on
     its input's rows), 3 ``a * b``, 4 ``a * b[row // HWB]`` (a per-sample scale ``b``: the
     squeeze-excitation product)."""
     pid = tl.program_id(0)
     n = tl.load(cnt_ptr)
     if MODE == 1:
-        N = CA + CB
+        N = CA + CB + CC + CD  # CC, CD: 0 for fewer inputs
     else:
         N = CA
     num_n = tl.cdiv(N, BN)
@@ -494,10 +521,14 @@ def rows_pair_kernel(
             in_a = offs_n < CA
             va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :],
                          mask=m_ok[:, None] & in_a[None, :], other=0.0)  # fmt: skip
+            in_b = n_ok & (offs_n >= CA) & (offs_n < CA + CB)
             vb = tl.load(b_ptr + rows64[:, None] * CB + (offs_n - CA)[None, :],
-                         mask=m_ok[:, None] & (n_ok & (offs_n >= CA))[None, :],
-                         other=0.0)  # fmt: skip
+                         mask=m_ok[:, None] & in_b[None, :], other=0.0)  # fmt: skip
             acc = tl.where(in_a[None, :], va.to(zero.dtype) + zero, vb.to(zero.dtype) + zero)
+            if NIN >= 3:
+                acc = _cat_more(acc, c_ptr, rows64, m_ok, offs_n, CA + CB, CC)
+            if NIN >= 4:
+                acc = _cat_more(acc, d_ptr, rows64, m_ok, offs_n, CA + CB + CC, CD)
         else:
             ok2 = m_ok[:, None] & n_ok[None, :]
             va = tl.load(a_ptr + rows64[:, None] * CA + offs_n[None, :], mask=ok2, other=0.0)
