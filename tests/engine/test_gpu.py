@@ -403,7 +403,7 @@ def test_all_ops_match_dense_on_gpu(granularity, crossover):
         diffs, total = diffs + d, total + n
     assert diffs <= 1e-4 * total
     assert 0 < eng.stats.effective_macs < eng.stats.dense_macs
-    # Max pooling, add, cat, grouped convs have no device-side step: the per-op driver stays.
+    # The flatten of a 2x2 map has no device-side step: the per-op driver stays.
     assert eng.backend.graph_step(eng._runtime) is None
 
 

@@ -24,6 +24,7 @@ from engine_helpers import (
     AllOps,
     GlobalPoolNet,
     GraphOps,
+    GroupedNet,
     ModernOps,
     TinyResNet,
     UpsampleCat,
@@ -50,6 +51,7 @@ MODELS = {
     "mobilenet": (lambda: ds.models.mobilenet_v1(num_classes=6, width_mult=0.25), (1, 3, 64, 64)),
     "graphops": (GraphOps, (2, 3, 20, 20)),
     "upsample": (UpsampleCat, (2, 3, 16, 20)),
+    "grouped": (GroupedNet, (2, 3, 16, 20)),
 }
 
 
@@ -290,9 +292,9 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample"])
+@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample", "grouped"])
 def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
-    """ResNet blocks (max pooling, residual adds), concatenations, squeeze-excitation
+    """ResNet blocks (max pooling, residual adds), concatenations, grouped convs, squeeze-excitation
     products, average pooling and every activation of the chain run in the whole-step graph:
     every frame close to the reference pass, equal to a fresh engine's."""
     gm32, shape = _model(name)

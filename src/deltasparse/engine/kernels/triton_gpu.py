@@ -271,6 +271,30 @@ def launch_depthwise(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
     )  # fmt: skip
 
 
+def launch_grouped(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
+                   chain: ChainArgs | None = None, grid: int | None = None) -> None:  # fmt: skip
+    """A grouped (not depthwise) conv on the listed rows (the whole-step graph's kernel)."""
+    g = spec.geom
+    c, n = spec.in_ch, spec.out_ch
+    f64 = x.dtype == torch.float64
+    bm, bn, nw = dw_config(n, f64, g.p_out)
+    if grid is None:
+        grid = _cdiv(n_rows, bm) * _cdiv(n, bn)
+    grid = max(1, min(grid, 8 * sm_count(x.device)))
+    chain = chain or ChainArgs.empty(x)
+    s = chain.tensors
+    (h, w), (ho, wo) = g.in_hw, g.out_hw
+    _kernels().grouped_kernel[(grid,)](
+        x, spec.w_taps, x if spec.bias is None else spec.bias, idx, x if cnt is None else cnt,
+        n_rows, y, x if mo is None else mo, s[0], s[1], s[2], s[3], c, n, c // spec.groups,
+        n // spec.groups, h, w, ho * wo, wo, chain.hw, KH=g.kernel[0], KW=g.kernel[1],
+        SH=g.stride[0], SW=g.stride[1], PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0],
+        DW=g.dilation[1], HAS_BIAS=spec.bias is not None, DYN=cnt is not None,
+        FUSE=mo is not None, IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BN=bn, num_warps=nw,
+        **_stages(), **chain.kw(),
+    )  # fmt: skip
+
+
 class TritonBackend(TorchBackend):
     """Triton kernels for the sparse paths of ``linear``, ``conv`` (groups 1), ``depthwise``.
 

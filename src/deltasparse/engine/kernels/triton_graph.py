@@ -22,7 +22,7 @@ state buffers are the engine's own, so graph steps and per-op steps can be inter
 Statistics (rows computed, active inputs) are accumulated on the device and copied into the
 ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 
-Supported ops: the input, ``Linear`` / 1x1 convs, ``groups == 1`` and depthwise convs,
+Supported ops: the input, ``Linear`` / 1x1 convs, convs of any groups (depthwise included),
 global average pooling, max and average pooling, residual adds, channel concatenations of
 two to four maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
 own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
@@ -46,6 +46,7 @@ from .triton_gpu import (
     dw_config,
     gemm_config,
     launch_depthwise,
+    launch_grouped,
     launch_rows_gemm,
     launch_taps_gemm,
     sm_count,
@@ -116,8 +117,6 @@ def decline_reason(runtime) -> str | None:
         kind = _builder(op)
         if kind is None:
             return f"no device kernel for {type(op).__name__} {op.kind} '{op.name}'"
-        if kind[0] == "conv" and not (op.spec.depthwise or op.spec.groups == 1):
-            return f"grouped conv '{op.name}' (groups={op.spec.groups})"
         n_max = 4 if kind == ("pair", 1) else 2  # concatenations of up to 4, sums of 2
         if kind[0] == "pair" and kind[1] in (0, 1) and not 2 <= len(op.inputs) <= n_max:
             return f"{op.kind} '{op.name}' of {len(op.inputs)} tensors (2-{n_max} have a kernel)"
@@ -330,14 +329,21 @@ class GraphStep:
         )
 
     def _add_conv(self, op, mask, cnt, act, nsm):
-        x, out, spec = op.inputs[0], op.out, op.spec  # groups 1 or depthwise (decline_reason)
+        x, out, spec = op.inputs[0], op.out, op.spec
         dev = out.buf.device
         idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
         chain = chain_args(op.chain, self.dtype, dev)
         f64 = self.dtype == torch.float64
         mo = mask(out)
         self._launches.append(self._compact(x, out, spec.geom, idx, cnt, act, mask))
-        if spec.depthwise:
+        if spec.groups > 1 and not spec.depthwise:
+            bm, bn, _ = dw_config(spec.out_ch, f64, out.rows)
+            grid = min(_cdiv(out.rows, bm) * _cdiv(spec.out_ch, bn), 8 * nsm)
+            self._launches.append(
+                lambda: launch_grouped(x.buf, spec, idx, out.buf, cnt=cnt, mo=mo, chain=chain,
+                                       grid=grid)  # fmt: skip
+            )
+        elif spec.depthwise:
             bm, bc, _ = dw_config(spec.out_ch, f64, out.rows)
             grid = min(_cdiv(out.rows, bm) * _cdiv(spec.out_ch, bc), 8 * nsm)
             self._launches.append(

@@ -406,6 +406,51 @@ def depthwise_kernel(
 
 
 @triton.jit
+def grouped_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, n_rows, y_ptr, mo_ptr,
+    s0, s1, s2, s3, C, N, CG, NG, H, W, HWo, Wo, HW,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DYN: tl.constexpr, FUSE: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """A grouped conv (``CG`` input, ``NG`` output channels per group; groups of a few
+    channels, as RegNet's 8, are too narrow for tensor cores) on the listed output rows:
+    per output channel, the taps x its group's input channels, multiply-added in tap order,
+    then the bias. ``w`` is ``ConvSpec.w_taps`` ``(groups, k2 * CG, NG)``."""
+    pid = tl.program_id(0)
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    num_n = tl.cdiv(N, BN)
+    total = tl.cdiv(n, BM) * num_n
+    for t in range(pid, total, tl.num_programs(0)):
+        offs_m, m_ok, rows, offs_n, n_ok = _tile(t, num_n, n, idx_ptr, N, BM, BN)
+        bi, oy, ox = _out_pos(rows, HWo, Wo)
+        grp = offs_n // NG
+        w_at = grp * (KH * KW * CG * NG) + (offs_n - grp * NG)  # tap 0, channel 0 of the group
+        c_at = grp * CG
+        acc = _acc(BM, BN, 0.0, IS_F64)
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                iy = oy * SH - PH + ky * DH
+                ix = ox * SW - PW + kx * DW
+                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                for j in range(0, CG):
+                    xv = tl.load(x_ptr + src[:, None] * C + (c_at + j)[None, :],
+                                 mask=ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+                    wv = tl.load(w_ptr + w_at + ((ky * KW + kx) * CG + j) * NG, mask=n_ok,
+                                 other=0.0)  # fmt: skip
+                    acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+        acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
+        _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, FUSE, IS_F64, HALF)  # fmt: skip
+
+
+@triton.jit
 def _more_changed(m_ptr, act_ptr, offs, ok):
     """The changed rows of one more input of a compaction's block, added to its ``act``."""
     na = tl.sum(tl.load(m_ptr + offs, mask=ok, other=0).to(tl.int32), axis=0)
@@ -702,6 +747,7 @@ __all__ = [
     "CH_QROW",
     "CH_QSCALAR",
     "compact_kernel",
+    "grouped_kernel",
     "depthwise_kernel",
     "gather_kernel",
     "gpool_kernel",
