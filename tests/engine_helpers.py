@@ -369,3 +369,22 @@ class GroupedNet(nn.Module):
         y = F.relu(self.g2(F.relu(self.g1(y))))
         y = self.se(F.relu(self.g3(y)))
         return self.fc(y.mean((2, 3)))
+
+
+class ConvNeXtLite(nn.Module):
+    """ConvNeXt in small: a patchify stem (4x4 conv, stride 4) with its LayerNorm2d, a CNBlock,
+    a downsampling LayerNorm2d + 2x2 conv after a residual add, and a LayerNorm head (a ReLU
+    and a gate after it): LayerNorms in the chains of a conv, a pointwise op, an add and a
+    global pool, every one in the GPU graph."""
+
+    def __init__(self, c_in: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(c_in, 16, 4, stride=4), LayerNorm2d(16, eps=1e-6))
+        self.block = CNBlock(16)
+        self.down = nn.Sequential(LayerNorm2d(16, eps=1e-6), nn.Conv2d(16, 24, 2, stride=2))
+        self.norm = nn.LayerNorm(24, eps=1e-6)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        y = self.down(self.block(self.stem(x)))
+        return self.fc(F.relu(self.norm(y.mean((2, 3)))))

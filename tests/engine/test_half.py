@@ -22,6 +22,7 @@ import pytest
 import torch
 from engine_helpers import (
     AllOps,
+    ConvNeXtLite,
     GlobalPoolNet,
     GraphOps,
     GroupedNet,
@@ -52,6 +53,7 @@ MODELS = {
     "graphops": (GraphOps, (2, 3, 20, 20)),
     "upsample": (UpsampleCat, (2, 3, 16, 20)),
     "grouped": (GroupedNet, (2, 3, 16, 20)),
+    "convnext": (ConvNeXtLite, (2, 3, 32, 32)),
 }
 
 
@@ -292,7 +294,8 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample", "grouped"])
+@pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample", "grouped",
+                                  "convnext"])  # fmt: skip
 def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
     """ResNet blocks (max pooling, residual adds), concatenations, grouped convs, squeeze-excitation
     products, average pooling and every activation of the chain run in the whole-step graph:

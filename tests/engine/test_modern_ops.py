@@ -386,8 +386,10 @@ def test_outputs_and_values_are_copies_for_1x1_maps():
 def test_dense_step_cuda_graph_equals_delta_steps():
     frames = [f.cuda() for f in _switching_stream(12, seed=10)]
     gm = converted(ModernOps(), frames[0].cpu(), thr=0.15, after=AFTER).cuda()
-    delta = DeltaEngine(gm, dense_step=None)
-    mixed = DeltaEngine(gm, dense_step=0.5)
+    # the per-op driver (ModernOps runs in the whole-step graph otherwise, which has no
+    # dense step)
+    delta = DeltaEngine(gm, dense_step=None, cuda_graph=False)
+    mixed = DeltaEngine(gm, dense_step=0.5, cuda_graph=False)
     for f in frames:
         a, b = delta.step(f), mixed.step(f)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
@@ -566,7 +568,8 @@ def test_dense_step_then_delta_steps_on_the_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     frames[2] = torch.rand(frames[2].shape, generator=g, device="cuda")
     gm = converted(ModernOps(), frames[0].cpu(), thr=0.15, after=AFTER).cuda()
-    delta, mixed = DeltaEngine(gm, dense_step=None), DeltaEngine(gm, dense_step=0.5)
+    delta = DeltaEngine(gm, dense_step=None, cuda_graph=False)  # the per-op driver
+    mixed = DeltaEngine(gm, dense_step=0.5, cuda_graph=False)
     for f in frames:
         a, b = delta.step(f), mixed.step(f)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))

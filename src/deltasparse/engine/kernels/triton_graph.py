@@ -25,7 +25,8 @@ ops' :class:`~deltasparse.engine.ops.OpStats` by :meth:`GraphStep.flush_stats`.
 Supported ops: the input, ``Linear`` / 1x1 convs, convs of any groups (depthwise included),
 global average pooling, max and average pooling, residual adds, channel concatenations of
 two to four maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
-own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` in any chain, aliases (flatten of
+own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` and a
+LayerNorm over each row's channels in any chain (:class:`_Hidden`), aliases (flatten of
 ``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
 :func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
@@ -60,6 +61,8 @@ _COMPACT_BLOCK = 1024
 
 
 def _chain_reason(chain) -> str | None:
+    if sum(step[0] == "ln" for step in chain.steps) > 1:
+        return "two LayerNorms in one chain"
     for step in chain.steps:
         if step[0] == "quant":
             thr, per_row = step[1], step[2]
@@ -68,9 +71,47 @@ def _chain_reason(chain) -> str | None:
         elif step[0] == "act":
             if act_code(step) is None:
                 return f"activation {step[3]!r} {step[2]}"
-        elif step[0] not in ("clamp", "affine"):
+        elif step[0] not in ("clamp", "affine", "ln"):
             return f"chain step {step[0]!r}"
     return None
+
+
+def _ln_split(chain) -> tuple[list, tuple, list] | None:
+    """``(steps before, the LayerNorm step, steps after)`` of a chain with a LayerNorm (at
+    most one: :func:`_chain_reason`), else None."""
+    at = next((k for k, step in enumerate(chain.steps) if step[0] == "ln"), None)
+    if at is None:
+        return None
+    return chain.steps[:at], chain.steps[at], chain.steps[at + 1 :]
+
+
+class _ChainPart:
+    """Some steps of a chain, as :func:`chain_args` reads a chain."""
+
+    def __init__(self, steps: list, chain) -> None:
+        self.steps, self.channels, self.hw = steps, chain.channels, chain.hw
+
+
+class _Hidden:
+    """A value the graph keeps between an op and the LayerNorm of its chain (the op's result
+    before it), with its own state: a LayerNorm mixes a row's channels, so it runs on whole
+    rows, in a kernel of its own, on the rows of this value that changed."""
+
+    def __init__(self, like, dtype, device) -> None:
+        self.shape, self.rows, self.channels = like.shape, like.rows, like.channels
+        self.hw, self.batch = like.hw, like.batch
+        self.buf = torch.zeros(like.rows + 1, like.channels, dtype=dtype, device=device)
+        self.state = self  # masks are keyed by the state
+
+
+class _Stage:
+    """``op`` seen with another output value and chain: the op's kernels up to a LayerNorm."""
+
+    def __init__(self, op, out, chain) -> None:
+        self._op, self.out, self.chain = op, out, chain
+
+    def __getattr__(self, name: str):
+        return getattr(self._op, name)
 
 
 def _builder(op) -> tuple[str, int] | None:
@@ -188,11 +229,16 @@ class GraphStep:
         inp = runtime.input_op.out
         self.dtype = inp.buf.dtype
         ops = runtime.ops
+        # An op whose chain holds a LayerNorm computes into a hidden value first, unless it
+        # is a pointwise op with the LayerNorm first: it then reads its input directly.
+        hidden = {i: _Hidden(op.out, self.dtype, dev) for i, op in enumerate(ops, start=1)
+                  if (sp := _ln_split(op.chain)) and (sp[0] or _builder(op) != ("pair", 2))}
         # One mask per value state (aliases share their state, hence their mask).
         offsets: dict[int, tuple[int, int]] = {}
         self._states: list = []  # (buffer, rows) of every value state, once
         total = 0
-        for v in [inp] + [o.out for o in ops] + [i for o in ops for i in o.inputs]:
+        values = [inp] + [o.out for o in ops] + [i for o in ops for i in o.inputs]
+        for v in values + list(hidden.values()):
             if id(v.state) not in offsets:
                 offsets[id(v.state)] = (total, v.rows)
                 self._states.append((v.buf, v.rows))
@@ -201,8 +247,10 @@ class GraphStep:
         # per op: rows computed, active input rows, and (ops of 2-4 inputs) the active rows
         # of the second, third and fourth input, so that each producer is credited with its
         # own changes
-        self.counts = torch.zeros(len(ops) + 1, 5, dtype=torch.int32, device=dev)
-        self.totals = torch.zeros(len(ops) + 1, 5, dtype=torch.int64, device=dev)
+        # (then one row per hidden value: the LayerNorm stage's compaction, not an op's)
+        n_rows = len(ops) + 1 + len(hidden)
+        self.counts = torch.zeros(n_rows, 5, dtype=torch.int32, device=dev)
+        self.totals = torch.zeros(n_rows, 5, dtype=torch.int64, device=dev)
         self._others: dict[int, list[int]] = {}  # op index -> ids of its inputs 2.. states
 
         def mask(v) -> torch.Tensor:
@@ -223,19 +271,30 @@ class GraphStep:
         )
         nsm = sm_count(dev)
         self._op_launches: list[int] = []  # the end of each op's launches in _launches
+        extra = iter(range(len(ops) + 1, n_rows))
         for i, op in enumerate(ops, start=1):
+            self._cur = i  # the op's row of self.counts
             cnt, act = self.counts[i, :1], self.counts[i, 1:2]
-            name, mode = _builder(op)  # decline_reason accepted every op
-            if name == "pair":
-                self._add_pair(op, mode, mask, cnt, act, nsm)
-            elif name == "gpool":
-                self._add_gpool(op, mask, cnt, act)
-            else:
-                getattr(self, f"_add_{name}")(op, mask, cnt, act, nsm)
+            split = _ln_split(op.chain)
+            if split is None or i in hidden:
+                built = op if split is None else _Stage(op, hidden[i],
+                                                        _ChainPart(split[0], op.chain))  # fmt: skip
+                name, mode = _builder(op)  # decline_reason accepted every op
+                if name == "pair":
+                    self._add_pair(built, mode, mask, cnt, act, nsm)
+                elif name == "gpool":
+                    self._add_gpool(built, mask, cnt, act)
+                else:
+                    getattr(self, f"_add_{name}")(built, mask, cnt, act, nsm)
+            if split is not None:
+                if i in hidden:
+                    k = next(extra)
+                    cnt, act = self.counts[k, :1], self.counts[k, 1:2]
+                self._add_norm(op, split, hidden.get(i, op.inputs[0]), mask, cnt, act, nsm)
             self._op_launches.append(len(self._launches))
         self.graph: torch.cuda.CUDAGraph | None = None
         self._pending = 0
-        self.launches_per_step = 3 + 2 * len(ops)
+        self.launches_per_step = 3 + 2 * len(ops) + 2 * len(hidden)
         self._prime()
 
     def _prime(self) -> None:
@@ -400,7 +459,7 @@ class GraphStep:
         bm, bn = 32, 64
         grid = (min(_cdiv(out.rows, bm) * _cdiv(out.channels, bn), 8 * nsm),)
         two = None if mode == 2 else b
-        i = self.rt.ops.index(op) + 1
+        i = self._cur
         act2 = None
         if two is not None:
             act2 = self.counts[i, 2:3]
@@ -417,6 +476,33 @@ class GraphStep:
                 s[3], a.channels, b.channels, ccd[0], ccd[1], chain.hw, hwb, MODE=mode, NIN=nin,
                 IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BN=bn,
                 num_warps=4, **chain.kw(),
+            )  # fmt: skip
+        )
+
+    def _add_norm(self, op, split, src, mask, cnt, act, nsm):
+        """The LayerNorm of ``op``'s chain and the steps after it, on the changed rows of
+        ``src`` (the op's hidden pre-LayerNorm value, or its input), into the op's output."""
+        tk = _kernels()
+        out, dev = op.out, op.out.buf.device
+        _, ln, post = split
+        c = out.channels
+        dt = opmath(self.dtype)
+        w = torch.ones(c, dtype=dt, device=dev) if ln[1] is None else ln[1]
+        b = torch.zeros(c, dtype=dt, device=dev) if ln[2] is None else ln[2]
+        w, b = w.reshape(-1).to(dev, dt).contiguous(), b.reshape(-1).to(dev, dt).contiguous()
+        chain = chain_args(_ChainPart(post, op.chain), self.dtype, dev)
+        s, mo = chain.tensors, mask(out)
+        idx = torch.zeros(out.rows, dtype=torch.int32, device=dev)
+        bc = max(16, 1 << (c - 1).bit_length())
+        bm = max(1, min(32, 4096 // bc))
+        grid = (min(_cdiv(out.rows, bm), 8 * nsm),)
+        eps = float(ln[3])
+        self._launches.append(self._compact(src, out, None, idx, cnt, act, mask))
+        self._launches.append(
+            lambda: tk.rows_norm_kernel[grid](
+                src.buf, w, b, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, chain.hw, eps,
+                IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BC=bc,
+                num_warps=8 if bc >= 1024 else 4, **chain.kw(),
             )  # fmt: skip
         )
 
@@ -521,7 +607,7 @@ class GraphStep:
                 return tot[r][2 + others.index(state)]
             return tot[r][1] - sum(tot[r][2 : 2 + len(others)])
 
-        for (rows, act, *_), op in zip(tot[1:], self.rt.ops, strict=True):
+        for (rows, act, *_), op in zip(tot[1 : 1 + len(self.rt.ops)], self.rt.ops, strict=True):
             st = op.stats
             if id(op.out.state) in first_reader:
                 st.changed_out += changed(id(op.out.state))

@@ -451,6 +451,41 @@ def grouped_kernel(
 
 
 @triton.jit
+def rows_norm_kernel(
+    x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr, mo_ptr, s0, s1, s2, s3, C, HW, eps,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+    IS_F64: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """LayerNorm over the ``C`` channels of the listed rows of ``x`` (one tile holds whole
+    rows, ``BC >= C``): mean, then the mean square of the deviations, both with correctly
+    rounded divisions, ``(x - mean) / sqrt(var + eps) * w + b`` (rounded for half precision),
+    then the rest of the op's chain and its commit."""
+    pid = tl.program_id(0)
+    n = tl.load(cnt_ptr)
+    for t in range(pid, tl.cdiv(n, BM), tl.num_programs(0)):
+        offs_m, m_ok, rows, offs_c, c_ok = _tile(t, 1, n, idx_ptr, C, BM, BC)
+        ok2 = m_ok[:, None] & c_ok[None, :]
+        zero = _acc(BM, BC, 0.0, IS_F64)
+        v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok2,
+                    other=0.0).to(zero.dtype) + zero  # fmt: skip
+        cf = tl.sum(zero, axis=1) + C  # C as a float vector of the rows
+        if IS_F64:  # float64 division and square root round correctly as written
+            mean = tl.sum(v, axis=1) / cf
+            d = tl.where(ok2, v - mean[:, None], zero)
+            z = d / tl.sqrt(tl.sum(d * d, axis=1) / cf + eps)[:, None]
+        else:
+            mean = tl.div_rn(tl.sum(v, axis=1), cf)
+            d = tl.where(ok2, v - mean[:, None], zero)
+            var = tl.div_rn(tl.sum(d * d, axis=1), cf)
+            z = tl.div_rn(d, tl.sqrt_rn(var + eps)[:, None] + zero)
+        w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(zero.dtype)
+        b = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(zero.dtype)
+        z = _round(z * w[None, :] + b[None, :], 1, y_ptr.dtype.element_ty, HALF)
+        _epilogue(z, rows, offs_m, m_ok, offs_c, c_ok, y_ptr, mo_ptr, C, HW,
+                  s0, s1, s2, s3, K0, K1, K2, K3, True, IS_F64, HALF)  # fmt: skip
+
+
+@triton.jit
 def _more_changed(m_ptr, act_ptr, offs, ok):
     """The changed rows of one more input of a compaction's block, added to its ``act``."""
     na = tl.sum(tl.load(m_ptr + offs, mask=ok, other=0).to(tl.int32), axis=0)
@@ -754,6 +789,7 @@ __all__ = [
     "input_commit_kernel",
     "pool_kernel",
     "rows_gemm_kernel",
+    "rows_norm_kernel",
     "rows_pair_kernel",
     "taps_gemm_kernel",
     "triton",
