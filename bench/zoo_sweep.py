@@ -9,6 +9,8 @@ then 200 frames streamed through ``DeltaEngine`` (the fastest backend of the dev
 
 * agreement: top-1 of the engine vs the converted PyTorch model on every frame (per pixel of
   the neck's prediction map), and the largest output difference relative to the largest logit;
+  in half precision also the half model's and the engine's top-1 agreement with the float32
+  model (both round; the engine should be about as close as the half model);
 * history independence: every ``--check-every`` frames a freshly reset engine runs that frame
   alone; the largest relative difference to the streamed output and how many checks flip a
   quantiser (a different summation order on the dense first pass);
@@ -26,6 +28,7 @@ then 200 frames streamed through ``DeltaEngine`` (the fastest backend of the dev
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -93,7 +96,11 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
     calibrate_bn(model, clip[:: max(1, len(clip) // 16), 0])
     after = activation_types(model)
     cfg = ds.DeltaConfig(after=after, threshold_init=args.threshold)
-    gm = ds.convert(model, cfg, example_input=clip[0]).eval().to(device, args.dtype)
+    gm = ds.convert(model, cfg, example_input=clip[0]).eval().to(device)
+    # half precision: the float32 model too, against which the half model and the half
+    # engine both round (their agreement with it puts the engine's own in context)
+    gm32 = copy.deepcopy(gm) if args.dtype != torch.float32 else None
+    gm = gm.to(args.dtype)
     frames = [f.to(device, args.dtype) for f in clip]
     bound = 1e-5 if args.dtype == torch.float32 else 1e-3  # the history bound
     row: dict = {"model": name, "dtype": str(args.dtype).removeprefix("torch."),
@@ -102,6 +109,7 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
     eng = ds.DeltaEngine(gm)
     row["backend"] = eng.backend.name
     agree, worst, hist, hist_flips, checks = 0, 0.0, 0.0, 0, 0
+    half_vs_32 = eng_vs_32 = 0.0
     # the PyTorch reference in float32 proper (cuDNN's convs default to TF32; the engine's
     # kernels do not), restored for the timed baselines below
     tf32 = torch.backends.cudnn.allow_tf32
@@ -112,6 +120,10 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
             want = gm(f)
             # top-1 per sample (per pixel for the neck's prediction map)
             agree += float((y.argmax(1) == want.argmax(1)).float().mean())
+            if gm32 is not None:
+                top32 = gm32(f.float()).argmax(1)
+                half_vs_32 += float((want.argmax(1) == top32).float().mean())
+                eng_vs_32 += float((y.argmax(1) == top32).float().mean())
             scale = max(float(want.abs().max()), 1e-12)
             worst = max(worst, float((y - want).abs().max()) / scale)
             if t and t % args.check_every == 0:
@@ -122,6 +134,10 @@ def one_model(name: str, clip: torch.Tensor, device: torch.device, args) -> dict
                 hist_flips += int(d > bound)
     torch.backends.cudnn.allow_tf32 = tf32
     st = eng.stats
+    if gm32 is not None:
+        row["dense_half_vs_float32_agreement"] = half_vs_32 / len(frames)
+        row["engine_vs_float32_agreement"] = eng_vs_32 / len(frames)
+        del gm32
     row.update(frames=len(frames), top1_agreement=agree / len(frames),
                max_rel_error_vs_pytorch=worst, history_max_rel_diff=hist,
                history_checks=checks, history_bound=bound, history_checks_over_bound=hist_flips,
