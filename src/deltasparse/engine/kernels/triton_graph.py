@@ -248,7 +248,8 @@ class GraphStep:
         # of the second, third and fourth input, so that each producer is credited with its
         # own changes
         # (then one row per hidden value: the LayerNorm stage's compaction, not an op's)
-        n_rows = len(ops) + 1 + len(hidden)
+        # (and a last row: the changed rows of the output, which no op reads)
+        n_rows = len(ops) + 1 + len(hidden) + 1
         self.counts = torch.zeros(n_rows, 5, dtype=torch.int32, device=dev)
         self.totals = torch.zeros(n_rows, 5, dtype=torch.int64, device=dev)
         self._others: dict[int, list[int]] = {}  # op index -> ids of its inputs 2.. states
@@ -294,7 +295,10 @@ class GraphStep:
             self._op_launches.append(len(self._launches))
         self.graph: torch.cuda.CUDAGraph | None = None
         self._pending = 0
-        self.launches_per_step = 3 + 2 * len(ops) + 2 * len(hidden)
+        out_changed = self.counts[n_rows - 1, 1:2]
+        mo_out = mask(runtime.output)
+        self._launches.append(lambda: out_changed.copy_(mo_out.sum(dtype=torch.int32)))
+        self.launches_per_step = 4 + 2 * len(ops) + 2 * len(hidden)
         self._prime()
 
     def _prime(self) -> None:
@@ -611,6 +615,8 @@ class GraphStep:
             st = op.stats
             if id(op.out.state) in first_reader:
                 st.changed_out += changed(id(op.out.state))
+            elif op.out.state is self.rt.output.state:
+                st.changed_out += tot[-1][1]
             st.frames += frames
             st.rows_computed += rows
             st.active_in += act
