@@ -388,3 +388,19 @@ class ConvNeXtLite(nn.Module):
     def forward(self, x):
         y = self.down(self.block(self.stem(x)))
         return self.fc(F.relu(self.norm(y.mean((2, 3)))))
+
+
+class WideNet(nn.Module):
+    """Reductions of 1,024 and more (a 1x1 conv from 1,024 channels, a 3x3 conv from 128):
+    the GPU graph splits them in parts (triton_gpu.split_k)."""
+
+    def __init__(self, c_in: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(c_in, 32, 3, padding=1), nn.Conv2d(32, 1024, 1)
+        self.c3, self.c4 = nn.Conv2d(1024, 64, 1), nn.Conv2d(64, 128, 3, 2, 1)
+        self.c5, self.fc = nn.Conv2d(128, 128, 3, padding=1), nn.Linear(128, classes)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))
+        y = F.relu(self.c5(F.relu(self.c4(F.relu(self.c3(y))))))
+        return self.fc(y.mean((2, 3)))

@@ -67,12 +67,16 @@ def main() -> None:
         out["engine_dense_step"] = kernels(eng.step, frames, a.steps)
         out["dense_steps"] = eng._dense.steps if eng._dense is not None else 0
         out["graph_step"] = eng._graph is not None
-        with no_tf32():
-            out["dense_graph_ieee32"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
         if dt == torch.float32:
+            with no_tf32():
+                out["dense_graph_ieee32"] = kernels(cuda_graphed(dense, frames[0]), frames,
+                                                    a.steps)  # fmt: skip
             out["dense_graph_tf32"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
+        else:
+            out[f"dense_graph_{a.dtype}"] = kernels(cuda_graphed(dense, frames[0]), frames, a.steps)
     json.dump(out, open(a.out, "w"), indent=1)
-    for k in ("engine_dense_step", "dense_graph_ieee32", "dense_graph_tf32"):
+    for k in ("engine_dense_step", "dense_graph_ieee32", "dense_graph_tf32",
+              f"dense_graph_{a.dtype}"):  # fmt: skip
         if k in out:
             print(k, round(out[k]["us_per_step"]), "us", out[k]["launches_per_step"], "launches")
     for r in out["engine_dense_step"]["top"][:12]:

@@ -29,6 +29,7 @@ from engine_helpers import (
     ModernOps,
     TinyResNet,
     UpsampleCat,
+    WideNet,
     converted,
 )
 from torch import nn
@@ -54,6 +55,7 @@ MODELS = {
     "upsample": (UpsampleCat, (2, 3, 16, 20)),
     "grouped": (GroupedNet, (2, 3, 16, 20)),
     "convnext": (ConvNeXtLite, (2, 3, 32, 32)),
+    "wide": (WideNet, (2, 3, 12, 12)),
 }
 
 
@@ -295,9 +297,10 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample", "grouped",
-                                  "convnext"])  # fmt: skip
+                                  "convnext", "wide"])  # fmt: skip
 def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
-    """ResNet blocks (max pooling, residual adds), concatenations, grouped convs, squeeze-excitation
+    """ResNet blocks (max pooling, residual adds), concatenations, grouped convs, LayerNorm,
+    split reductions, squeeze-excitation
     products, average pooling and every activation of the chain run in the whole-step graph:
     every frame close to the reference pass, equal to a fresh engine's."""
     gm32, shape = _model(name)

@@ -104,6 +104,14 @@ class _Hidden:
         self.state = self  # masks are keyed by the state
 
 
+class _Workspace:
+    """A split GEMM's ``(split, rows, N)`` float32 workspace: ``t``, a view of the buffer
+    :class:`GraphStep` shares between them (set once every op is built)."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape, self.t = shape, None
+
+
 class _Stage:
     """``op`` seen with another output value and chain: the op's kernels up to a LayerNorm."""
 
@@ -260,6 +268,7 @@ class GraphStep:
 
         self.frame = torch.zeros(inp.shape, dtype=self.dtype, device=dev)
         self._launches = []
+        self._workspaces: list[_Workspace] = []
         tk = _kernels()
         b, c, h, w = inp.shape
         mo_in = mask(inp)
@@ -298,7 +307,9 @@ class GraphStep:
         out_changed = self.counts[n_rows - 1, 1:2]
         mo_out = mask(runtime.output)
         self._launches.append(lambda: out_changed.copy_(mo_out.sum(dtype=torch.int32)))
-        self.launches_per_step = 4 + 2 * len(ops) + 2 * len(hidden)
+        self._share_workspace(dev)
+        # kernels per step: a split GEMM adds its sum, the output's count is a sum and a copy
+        self.launches_per_step = len(self._launches) + len(self._workspaces) + 1
         self._prime()
 
     def _prime(self) -> None:
@@ -368,11 +379,24 @@ class GraphStep:
             BLOCK=_COMPACT_BLOCK, num_warps=4, **geo,
         )  # fmt: skip
 
-    @staticmethod
-    def _workspace(split: int, rows: int, n: int, dev) -> torch.Tensor | None:
-        """The float32 partial sums of a GEMM split in ``split`` parts (None: unsplit)."""
-        return None if split == 1 else torch.empty(split, rows, n, dtype=torch.float32,
-                                                    device=dev)  # fmt: skip
+    def _share_workspace(self, dev) -> None:
+        """One buffer, of the largest split GEMM's size, for all of them (a method of its own:
+        a loop variable here would rebind names the launch lambdas read)."""
+        need = max((math.prod(ws.shape) for ws in self._workspaces), default=0)
+        if need:
+            flat = torch.empty(need, dtype=torch.float32, device=dev)
+            for ws in self._workspaces:
+                ws.t = flat[: math.prod(ws.shape)].view(ws.shape)
+
+    def _workspace(self, split: int, rows: int, n: int, dev) -> _Workspace | None:
+        """The float32 partial sums of a GEMM split in ``split`` parts (None: unsplit): a
+        view of one buffer all split GEMMs share (they run one after another), allocated
+        once every op is built."""
+        if split == 1:
+            return None
+        ws = _Workspace((split, rows, n))
+        self._workspaces.append(ws)
+        return ws
 
     def _add_linear(self, op, mask, cnt, act, nsm):
         x, out, spec = op.inputs[0], op.out, op.spec
@@ -388,7 +412,8 @@ class GraphStep:
         self._launches.append(self._compact(x, out, None, idx, cnt, act, mask))
         self._launches.append(
             lambda: launch_rows_gemm(x.buf, spec.wt, spec.bias, idx, out.buf, cnt=cnt, mo=mo,
-                                     chain=chain, grid=grid, precision=prec, ws=ws)  # fmt: skip
+                                     chain=chain, grid=grid, precision=prec,
+                                     ws=ws and ws.t)  # fmt: skip
         )
 
     def _add_conv(self, op, mask, cnt, act, nsm):
@@ -422,7 +447,8 @@ class GraphStep:
             ws = self._workspace(split, out.rows, spec.out_ch, dev)
             self._launches.append(
                 lambda: launch_taps_gemm(x.buf, spec, idx, out.buf, cnt=cnt, mo=mo,
-                                         chain=chain, grid=grid, precision=prec, ws=ws)  # fmt: skip
+                                         chain=chain, grid=grid, precision=prec,
+                                     ws=ws and ws.t)  # fmt: skip
             )
 
     def _add_gpool(self, op, mask, cnt, act):

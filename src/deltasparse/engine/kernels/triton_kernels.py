@@ -286,7 +286,7 @@ def split_sum_kernel(
         at = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         acc = tl.load(ws_ptr + at, mask=ok2, other=0.0)
         for part in tl.static_range(1, SPLIT):
-            acc += tl.load(ws_ptr + part * CAP * N + at, mask=ok2, other=0.0)
+            acc += tl.load(ws_ptr + (part * CAP).to(tl.int64) * N + at, mask=ok2, other=0.0)
         acc = _sum_bias(acc, b_ptr, offs_n, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, HALF)
         _epilogue(acc, rows, offs_m, m_ok, offs_n, n_ok, y_ptr, mo_ptr, N, HW,
                   s0, s1, s2, s3, K0, K1, K2, K3, FUSE, False, HALF)  # fmt: skip
