@@ -448,7 +448,7 @@ class GraphStep:
             self._launches.append(
                 lambda: launch_taps_gemm(x.buf, spec, idx, out.buf, cnt=cnt, mo=mo,
                                          chain=chain, grid=grid, precision=prec,
-                                     ws=ws and ws.t)  # fmt: skip
+                                         ws=ws and ws.t)  # fmt: skip
             )
 
     def _add_gpool(self, op, mask, cnt, act):
