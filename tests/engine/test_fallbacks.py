@@ -116,8 +116,7 @@ def test_graph_decline_reason_on_cpu():
     five = _runtime(_Cat(5).eval(), x)
     assert decline_reason(five) == "cat 'cat' of 5 tensors (2-4 have a kernel)"
     gm = converted(AllOps(), torch.randn(2, 3, 28, 44))
-    why = decline_reason(_runtime(gm, torch.randn(2, 3, 28, 44)))
-    assert why == "no device kernel for SampleOp flatten 'flatten'"
+    assert decline_reason(_runtime(gm, torch.randn(2, 3, 28, 44))) is None  # every op kind
 
 
 class _Cat(nn.Module):

@@ -297,7 +297,7 @@ def test_graph_step_keeps_rows_no_input_reaches(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["resnet", "gpool", "graphops", "upsample", "grouped",
-                                  "convnext", "wide"])  # fmt: skip
+                                  "convnext", "wide", "allops", "modern"])  # fmt: skip
 def test_graph_step_runs_pooling_adds_products_and_activations(name, dtype):
     """ResNet blocks (max pooling, residual adds), concatenations, grouped convs, LayerNorm,
     split reductions, squeeze-excitation

@@ -26,8 +26,8 @@ Supported ops: the input, ``Linear`` / 1x1 convs, convs of any groups (depthwise
 global average pooling, max and average pooling, residual adds, channel concatenations of
 two to four maps, products (of two maps, or a squeeze-excitation scale), pointwise chains on their
 own, nearest and bilinear upsampling, the activations of ``triton_gpu.ACT_CODES`` and a
-LayerNorm over each row's channels in any chain (:class:`_Hidden`), aliases (flatten of
-``(B, C, 1, 1)``, dropout). Others raise
+LayerNorm over each row's channels in any chain (:class:`_Hidden`), flattens of whole
+samples (NCHW order), aliases (flatten of ``(B, C, 1, 1)``, dropout). Others raise
 ``NotImplementedError`` at construction (the engine then keeps its per-op driver);
 :func:`decline_reason` says why without triton or a GPU, so the engine can warn and record it.
 """
@@ -142,7 +142,7 @@ def _builder(op) -> tuple[str, int] | None:
     if isinstance(op, ConvOp):
         return "conv", 0
     if isinstance(op, SampleOp):
-        return ("gpool", 0) if op.mode == "mean" else None
+        return "gpool", 0  # global average pooling, or a flatten
     if isinstance(op, (AddOp, CatOp)):  # rows_pair_kernel's MODE
         return "pair", 1 if isinstance(op, CatOp) else 0
     if type(op) is PointwiseOp:
@@ -458,13 +458,14 @@ class GraphStep:
         hw, c = x.hw[0] * x.hw[1], x.channels
         mi, mo = mask(x), mask(out)
         s = chain.tensors
-        bc = 32
-        grid = (x.batch, _cdiv(c, bc))
+        mean = op.mode == "mean"
+        bc = 32 if mean else 256
+        grid = (x.batch, _cdiv(c if mean else c * hw, bc))
         self._launches.append(
             lambda: tk.gpool_kernel[grid](
                 x.buf, mi, out.buf, mo, cnt, act, s[0], s[1], s[2], s[3], hw, c,
                 IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BR=128, BC=bc,
-                num_warps=4, **chain.kw(),
+                MEAN=mean, num_warps=4, **chain.kw(),
             )  # fmt: skip
         )
 

@@ -743,8 +743,10 @@ def gpool_kernel(
     x_ptr, mi_ptr, y_ptr, mo_ptr, cnt_ptr, act_ptr, s0, s1, s2, s3, HWi, C,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     IS_F64: tl.constexpr, HALF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    MEAN: tl.constexpr,
 ):  # fmt: skip
-    """Global average pooling of the samples that have a changed pixel (grid: B x C-tiles)."""
+    """Global average pooling (``MEAN``) or the NCHW flatten ``y[b, c * HWi + p] = x[b * HWi +
+    p, c]`` of the samples that have a changed pixel (grid: B x output-channel tiles)."""
     b = tl.program_id(0)
     pc = tl.program_id(1)
     base = b.to(tl.int64) * HWi
@@ -753,7 +755,19 @@ def gpool_kernel(
         offs_r = r0 + tl.arange(0, BR)
         anyc += tl.load(mi_ptr + base + offs_r, mask=offs_r < HWi, other=0).to(tl.int32)
     na = tl.sum(anyc, axis=0)
-    if na > 0:
+    if na > 0 and not MEAN:
+        offs_c = pc * BC + tl.arange(0, BC)
+        c_ok = offs_c < C * HWi
+        ch = offs_c // HWi
+        v = tl.load(x_ptr + (base + offs_c - ch * HWi) * C + ch, mask=c_ok, other=0.0)
+        rows = tl.zeros((1,), dtype=tl.int32) + b
+        _epilogue(v.to(_acc(1, BC, 0.0, IS_F64).dtype)[None, :], rows, rows, rows == b, offs_c,
+                  c_ok, y_ptr, mo_ptr, C * HWi, 1, s0, s1, s2, s3, K0, K1, K2, K3, True,
+                  IS_F64, HALF)  # fmt: skip
+        if pc == 0:
+            tl.atomic_add(cnt_ptr, 1)
+            tl.atomic_add(act_ptr, na)
+    if na > 0 and MEAN:
         offs_c = pc * BC + tl.arange(0, BC)
         c_ok = offs_c < C
         acc = _acc(BR, BC, 0.0, IS_F64)
