@@ -110,6 +110,13 @@ def gemm_config(k: int, n: int, f64: bool, rows: int = 1 << 30) -> tuple[int, in
     return 32, _pow2(n, 16, 32), _pow2(k, 16, 64), 4
 
 
+def window_kw(g) -> dict:
+    """A window geometry (:class:`~.geometry.WindowGeom`) as the kernels' ``KH .. DW``
+    constexprs."""
+    return dict(KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
+                PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1])  # fmt: skip
+
+
 def _stages() -> dict:
     """``num_stages`` of the GEMM / depthwise launches where ``TUNE["stages"]`` sets it (a
     benchmark sweep); else Triton's default."""
@@ -229,9 +236,8 @@ def launch_taps_gemm(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
     tk.taps_gemm_kernel[(min(grid * split, 8 * sm_count(x.device)),)](
         x, spec.w_taps, x if bias is None else bias, idx, x if cnt is None else cnt,
         n_rows, y, x if mo is None else mo, x if ws is None else ws, s[0], s[1], s[2], s[3],
-        c, n, h, w, ho * wo, wo, chain.hw, cap, KH=g.kernel[0], KW=g.kernel[1],
-        SH=g.stride[0], SW=g.stride[1], PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0],
-        DW=g.dilation[1], HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
+        c, n, h, w, ho * wo, wo, chain.hw, cap, **window_kw(g), HAS_BIAS=bias is not None,
+        DYN=cnt is not None, FUSE=mo is not None,
         IS_F64=f64, PREC=precision, HALF=x.dtype in HALF, BM=bm, BN=bn, BK=bk, FLAT=flat,
         SPLIT=split, num_warps=nw, **_stages(), **chain.kw(),
     )  # fmt: skip
@@ -263,9 +269,7 @@ def launch_depthwise(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
     tk.depthwise_kernel[(grid,)](
         x, spec.w_taps, x if bias is None else bias, idx, x if cnt is None else cnt,
         n_rows, y, x if mo is None else mo, s[0], s[1], s[2], s[3], c, h, w, ho * wo, wo,
-        chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
-        PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1],
-        HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
+        chain.hw, **window_kw(g), HAS_BIAS=bias is not None, DYN=cnt is not None, FUSE=mo is not None,
         IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BC=bc, num_warps=nw, **_stages(),
         **chain.kw(),
     )  # fmt: skip
@@ -287,9 +291,8 @@ def launch_grouped(x, spec: ConvSpec, idx, y, *, n_rows=0, cnt=None, mo=None,
     _kernels().grouped_kernel[(grid,)](
         x, spec.w_taps, x if spec.bias is None else spec.bias, idx, x if cnt is None else cnt,
         n_rows, y, x if mo is None else mo, s[0], s[1], s[2], s[3], c, n, c // spec.groups,
-        n // spec.groups, h, w, ho * wo, wo, chain.hw, KH=g.kernel[0], KW=g.kernel[1],
-        SH=g.stride[0], SW=g.stride[1], PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0],
-        DW=g.dilation[1], HAS_BIAS=spec.bias is not None, DYN=cnt is not None,
+        n // spec.groups, h, w, ho * wo, wo, chain.hw, **window_kw(g),
+        HAS_BIAS=spec.bias is not None, DYN=cnt is not None,
         FUSE=mo is not None, IS_F64=f64, HALF=x.dtype in HALF, BM=bm, BN=bn, num_warps=nw,
         **_stages(), **chain.kw(),
     )  # fmt: skip

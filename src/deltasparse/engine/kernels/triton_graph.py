@@ -53,6 +53,7 @@ from .triton_gpu import (
     sm_count,
     split_k,
     taps_flat,
+    window_kw,
 )
 
 __all__ = ["GraphStep", "decline_reason"]
@@ -361,9 +362,7 @@ class GraphStep:
             h = w = ho = wo = 1
         else:
             (h, w), (ho, wo) = geom.in_hw, geom.out_hw
-            geo = dict(KH=geom.kernel[0], KW=geom.kernel[1], SH=geom.stride[0],
-                       SW=geom.stride[1], PH=geom.padding[0], PW=geom.padding[1],
-                       DH=geom.dilation[0], DW=geom.dilation[1])  # fmt: skip
+            geo = window_kw(geom)
         mi = mask(x)
         mi2 = mi if x2 is None else mask(x2)
         p2 = p_in if x2 is None else x2.rows
@@ -575,8 +574,7 @@ class GraphStep:
         self._launches.append(
             lambda: tk.pool_kernel[grid](
                 x.buf, div, idx, cnt, out.buf, mo, s[0], s[1], s[2], s[3], c, h, w, ho * wo,
-                wo, chain.hw, KH=g.kernel[0], KW=g.kernel[1], SH=g.stride[0], SW=g.stride[1],
-                PH=g.padding[0], PW=g.padding[1], DH=g.dilation[0], DW=g.dilation[1], AVG=avg,
+                wo, chain.hw, **window_kw(g), AVG=avg,
                 IS_F64=self.dtype == torch.float64, HALF=self.dtype in HALF, BM=bm, BC=bc,
                 num_warps=nw, **chain.kw(),
             )  # fmt: skip

@@ -176,6 +176,28 @@ def _out_pos(rows, HWo, Wo):
 
 
 @triton.jit
+def _listed(cnt_ptr, n_rows, DYN: tl.constexpr):
+    """How many rows are listed: read on the device (``DYN``, a compaction counted them), or
+    given by the host."""
+    if DYN:
+        n = tl.load(cnt_ptr)
+    else:
+        n = n_rows
+    return n
+
+
+@triton.jit
+def _tap(bi, oy, ox, m_ok, ky, kx, H, W, SH: tl.constexpr, SW: tl.constexpr,
+         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):  # fmt: skip
+    """Tap ``(ky, kx)`` of the output rows' windows: where it lies inside the input (and the
+    row is valid), and the input rows it reads (int64)."""
+    iy = oy * SH - PH + ky * DH
+    ix = ox * SW - PW + kx * DW
+    ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    return ok, ((bi * H + iy) * W + ix).to(tl.int64)
+
+
+@triton.jit
 def _acc(BM: tl.constexpr, BN: tl.constexpr, init: tl.constexpr, IS_F64: tl.constexpr):
     """A ``(BM, BN)`` accumulator filled with ``init``: float64, else float32 (half precision
     accumulates in float32)."""
@@ -214,10 +236,7 @@ def rows_gemm_kernel(
     float32 partial sums go to ``ws`` ``(SPLIT, CAP, N)`` for :func:`split_sum_kernel`.
     """
     pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
-    else:
-        n = n_rows
+    n = _listed(cnt_ptr, n_rows, DYN)
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n * SPLIT
     for t in range(pid, total, tl.num_programs(0)):
@@ -274,10 +293,7 @@ def split_sum_kernel(
     """A split GEMM's sums: its ``SPLIT`` float32 partials added in order (the same order for
     every row and every step), then bias, chain and commit as an unsplit GEMM's."""
     pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
-    else:
-        n = n_rows
+    n = _listed(cnt_ptr, n_rows, DYN)
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n
     for t in range(pid, total, tl.num_programs(0)):
@@ -313,10 +329,7 @@ def taps_gemm_kernel(
     ``SPLIT`` > 1 (``FLAT`` only): the reduction in parts, as in :func:`rows_gemm_kernel`.
     """
     pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
-    else:
-        n = n_rows
+    n = _listed(cnt_ptr, n_rows, DYN)
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n * SPLIT
     for t in range(pid, total, tl.num_programs(0)):
@@ -329,10 +342,8 @@ def taps_gemm_kernel(
             for kk in range(lo, hi, BK):
                 tap = kk // C
                 ky = tap // KW
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + (tap - ky * KW) * DW
-                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                ok, src = _tap(bi, oy, ox, m_ok, ky, tap - ky * KW, H, W, SH, SW, PH, PW, DH,
+                               DW)  # fmt: skip
                 offs_k = kk - tap * C + tl.arange(0, BK)
                 a = tl.load(x_ptr + src[:, None] * C + offs_k[None, :], mask=ok[:, None],
                             other=0.0)  # fmt: skip
@@ -343,10 +354,7 @@ def taps_gemm_kernel(
         else:
             for ky in tl.static_range(KH):
                 for kx in tl.static_range(KW):
-                    iy = oy * SH - PH + ky * DH
-                    ix = ox * SW - PW + kx * DW
-                    ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                    src = ((bi * H + iy) * W + ix).to(tl.int64)
+                    ok, src = _tap(bi, oy, ox, m_ok, ky, kx, H, W, SH, SW, PH, PW, DH, DW)
                     for c0 in range(0, C, BK):
                         offs_k = c0 + tl.arange(0, BK)
                         k_ok = offs_k < C
@@ -377,10 +385,7 @@ def depthwise_kernel(
     float32, rounded, then the bias).
     """
     pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
-    else:
-        n = n_rows
+    n = _listed(cnt_ptr, n_rows, DYN)
     num_c = tl.cdiv(C, BC)
     total = tl.cdiv(n, BM) * num_c
     for t in range(pid, total, tl.num_programs(0)):
@@ -391,10 +396,7 @@ def depthwise_kernel(
             acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + kx * DW
-                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                ok, src = _tap(bi, oy, ox, m_ok, ky, kx, H, W, SH, SW, PH, PW, DH, DW)
                 xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
                              mask=ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
                 wv = tl.load(w_ptr + (ky * KW + kx) * C + offs_c, mask=c_ok, other=0.0)
@@ -420,10 +422,7 @@ def grouped_kernel(
     per output channel, the taps x its group's input channels, multiply-added in tap order,
     then the bias. ``w`` is ``ConvSpec.w_taps`` ``(groups, k2 * CG, NG)``."""
     pid = tl.program_id(0)
-    if DYN:
-        n = tl.load(cnt_ptr)
-    else:
-        n = n_rows
+    n = _listed(cnt_ptr, n_rows, DYN)
     num_n = tl.cdiv(N, BN)
     total = tl.cdiv(n, BM) * num_n
     for t in range(pid, total, tl.num_programs(0)):
@@ -435,10 +434,7 @@ def grouped_kernel(
         acc = _acc(BM, BN, 0.0, IS_F64)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + kx * DW
-                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                ok, src = _tap(bi, oy, ox, m_ok, ky, kx, H, W, SH, SW, PH, PW, DH, DW)
                 for j in range(0, CG):
                     xv = tl.load(x_ptr + src[:, None] * C + (c_at + j)[None, :],
                                  mask=ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
@@ -548,10 +544,7 @@ def compact_kernel(
         f = tl.zeros((BLOCK,), dtype=tl.int32)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + kx * DW
-                ok = o_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = (bi * H + iy) * W + ix
+                ok, src = _tap(bi, oy, ox, o_ok, ky, kx, H, W, SH, SW, PH, PW, DH, DW)
                 v = tl.load(mi_ptr + src, mask=ok, other=0).to(tl.int32)
                 f = tl.maximum(f, v)
     f = tl.where(o_ok & (f > 0), 1, 0)
@@ -659,10 +652,7 @@ def pool_kernel(
             acc = _acc(BM, BC, float("-inf"), IS_F64)
         for ky in tl.static_range(KH):
             for kx in tl.static_range(KW):
-                iy = oy * SH - PH + ky * DH
-                ix = ox * SW - PW + kx * DW
-                ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                src = ((bi * H + iy) * W + ix).to(tl.int64)
+                ok, src = _tap(bi, oy, ox, m_ok, ky, kx, H, W, SH, SW, PH, PW, DH, DW)
                 xv = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
                              mask=ok[:, None] & c_ok[None, :], other=init)  # fmt: skip
                 if AVG:
